@@ -1,0 +1,216 @@
+"""Typed view of ``params.yaml``.
+
+Every stage reads its slice through :func:`load_params`, so a wrong value fails in one place
+with a message naming the key (``params.yaml: train.cutoff_epoch must be <= train.epochs``),
+before any output is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+from medattn.errors import ParamError
+
+DATA_SOURCES = ("synthetic", "imagefolder", "idrid", "jaffe", "malaria")
+ATTENTIONS = ("global_pixel", "mldam", "none")
+IDRID_TASKS = ("retinopathy", "macular_edema")
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    n_images: int = 720
+    seed: int = 2024
+    train_fraction: float = 0.6
+    val_fraction: float = 0.15
+    decoy_probability: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "synthetic"
+    root: Optional[str] = None
+    idrid_task: str = "retinopathy"
+    image_size: int = 96
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    split_seed: int = 13
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_class_ratio: float = 0.3
+    expected_channels: int = 3
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backbone: str = "small_cnn"
+    attention: str = "global_pixel"
+    K: int = 32
+    pretrained_weights: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 40
+    cutoff_epoch: int = 20
+    lambda_l1: float = 0.001
+    lr: float = 0.002
+    batch_size: int = 32
+    weight_decay: float = 0.0001
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    overlay_count: int = 8
+    topk_percent: float = 5.0
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: Optional[str] = None
+    experiment: str = "medattn"
+    model_name: str = "medattn-fundus"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.002, ...}``: the shape MLflow params and DVC ``-S`` use."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def _coerce(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking key names and scalar types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamError(f"params.yaml: {where or 'top level'} must be a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ParamError(f"params.yaml: unknown key {key!r} (known: {', '.join(sorted(names))})")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce_value(hints[name], raw[name], key)
+    return cls(**kwargs)
+
+
+def _coerce_value(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _coerce(hint, value, key)
+    optional = get_origin(hint) is not None and type(None) in get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamError(f"params.yaml: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamError(f"params.yaml: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(f"params.yaml: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamError(f"params.yaml: {key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ParamError(f"params.yaml: {message}")
+
+
+def validate_params(p: Params) -> Params:
+    """Range and cross-field checks; returns ``p`` unchanged when everything is valid."""
+    from medattn.models.factory import available_backbones  # late: keeps config import light
+
+    d, s = p.data, p.data.synthetic
+    _check(d.source in DATA_SOURCES, f"data.source must be one of {', '.join(DATA_SOURCES)}, got {d.source!r}")
+    _check(d.source == "synthetic" or bool(d.root), f"data.root is required when data.source is {d.source!r}")
+    _check(d.idrid_task in IDRID_TASKS, f"data.idrid_task must be one of {', '.join(IDRID_TASKS)}, got {d.idrid_task!r}")
+    _check(16 <= d.image_size <= 1024, f"data.image_size must be in [16, 1024], got {d.image_size}")
+    _check(0 < d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+           "data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1")
+    _check(s.n_images >= 12, f"data.synthetic.n_images must be >= 12, got {s.n_images}")
+    _check(0 < s.train_fraction < 1 and 0 < s.val_fraction < 1 and s.train_fraction + s.val_fraction < 1,
+           "data.synthetic.train_fraction and val_fraction must be in (0, 1) and sum below 1")
+    _check(0.0 <= s.decoy_probability <= 1.0,
+           f"data.synthetic.decoy_probability must be in [0, 1], got {s.decoy_probability}")
+    _check(0.0 < p.validate.min_class_ratio <= 1.0, "validate.min_class_ratio must be in (0, 1]")
+    _check(p.validate.expected_channels in (1, 3), "validate.expected_channels must be 1 or 3")
+    m = p.model
+    backbones = available_backbones()
+    _check(m.backbone in backbones, f"model.backbone {m.backbone!r} is unknown (choose from {', '.join(backbones)})")
+    _check(m.attention in ATTENTIONS, f"model.attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}")
+    _check(1 <= m.K <= 4096, f"model.K must be in [1, 4096], got {m.K}")
+    if m.pretrained_weights is not None:
+        _check(Path(m.pretrained_weights).is_file(),
+               f"model.pretrained_weights: no such file {m.pretrained_weights!r}")
+    t = p.train
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(0 <= t.cutoff_epoch <= t.epochs, f"train.cutoff_epoch must be in [0, train.epochs={t.epochs}], got {t.cutoff_epoch}")
+    _check(t.lambda_l1 >= 0, f"train.lambda_l1 must be >= 0, got {t.lambda_l1}")
+    _check(0 < t.lr < 1, f"train.lr must be in (0, 1), got {t.lr}")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+           f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _check(t.num_workers >= 0, "train.num_workers must be >= 0")
+    _check(p.evaluate.overlay_count >= 0, "evaluate.overlay_count must be >= 0")
+    _check(0 < p.evaluate.topk_percent <= 100, "evaluate.topk_percent must be in (0, 100]")
+    _check(bool(p.mlflow.model_name.strip()), "mlflow.model_name must not be empty")
+    return p
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, type-check and range-check a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    return validate_params(_coerce(Params, raw, ""))
