@@ -1,0 +1,60 @@
+# The two README commands:
+#   make demo   set up everything, then `dvc repro` the demo pipeline on the embedded dataset
+#   make test   set up everything, then run the test suite
+# Everything is installed from this repository's own files: requirements.lock pins every
+# Python package; the system packages come from Debian (apt) when missing.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export PYTHONUNBUFFERED := 1
+
+# promtool (alert-rule tests) and PostgreSQL (feedback store tests)
+SYSTEM_PACKAGES := prometheus postgresql
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test setup system-deps mlflow-ui serve clean help
+
+help:
+	@echo "make demo       - install, then run the demo pipeline (dvc repro) on the embedded dataset"
+	@echo "make test       - install, then run the tests"
+	@echo "make mlflow-ui  - browse runs and registered models at http://127.0.0.1:5000"
+	@echo "make serve      - serve the champion model over HTTP on http://127.0.0.1:3000"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (medattn needs Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[test]'
+	touch $@
+
+system-deps:
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  $(SUDO) service postgresql stop >/dev/null 2>&1 || true; \
+	  $(SUDO) service prometheus stop >/dev/null 2>&1 || true; \
+	fi
+
+demo: setup
+	$(BIN)/dvc repro
+	@echo; $(BIN)/dvc metrics show
+	@echo; echo "Runs and the registered model: make mlflow-ui  (then open http://127.0.0.1:5000)"
+
+test: setup system-deps
+	$(BIN)/python -m pytest
+
+mlflow-ui: setup
+	$(BIN)/medattn mlflow-ui
+
+serve: setup
+	$(BIN)/medattn serve
+
+clean:
+	rm -rf data models reports checkpoints
