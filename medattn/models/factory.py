@@ -12,14 +12,11 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from medattn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from medattn.errors import ModelError
 from medattn.models.backbones import BACKBONES, build_backbone
 from medattn.models.global_attention import GlobalPixelAttention, NoAttention
 from medattn.models.mldam import MLDAM_LEVELS, MultiLevelDualAttention
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass(frozen=True)
 class ModelSpec:
