@@ -1,0 +1,98 @@
+"""The register stage in one call: log + register the bundle in the pipeline's run, gate it.
+
+Kept here rather than in ``pipelines/register.py`` so that the script stays a thin
+argument parser and the logic is unit-tested against a real MLflow.
+
+Re-running the stage for the same weights (say, only an evaluation param changed) must not
+pile up identical versions: each version is tagged with the bundle's content hash and an
+existing version with that hash is gated again instead of registering a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from medattn.config import Params
+from medattn.errors import RegistryError
+from medattn.models.bundle import SPEC_FILE, WEIGHTS_FILE
+from medattn.registry._mlflow import client_for, mlflow_errors
+from medattn.registry.runs import log_artifacts, read_run_ref, resumed_run, write_json_atomic
+from medattn.registry.versions import DEFAULT_METRIC, assign_challenger_and_gate, log_bundle_model
+
+# Key of the test macro-F1 in the evaluate stage's metrics.json.
+EVALUATE_MACRO_F1_KEY = "macro_f1"
+BUNDLE_HASH_TAG = "bundle_sha256"
+
+
+def register_bundle(
+    params: Params,
+    bundle_dir: str | Path,
+    metrics_path: str | Path,
+    run_ref_path: str | Path,
+    out_path: str | Path,
+) -> dict[str, Any]:
+    """Register ``bundle_dir`` as a new version of ``mlflow.model_name`` and gate it.
+
+    The metric is the evaluate stage's test macro-F1 (``metrics_path``); the MLflow run is the
+    one the train stage created (``run_ref_path``). Writes the decision JSON to ``out_path``
+    (also logged to the run) and returns it.
+    """
+    macro_f1 = read_test_macro_f1(Path(metrics_path))
+    ref = read_run_ref(run_ref_path)
+    model_name = params.mlflow.model_name
+    content_hash = bundle_hash(Path(bundle_dir))
+    with resumed_run(ref) as run_id:
+        version = existing_version(model_name, content_hash, ref.tracking_uri)
+        reused = version is not None
+        if version is None:
+            version = log_bundle_model(
+                run_id, bundle_dir, model_name, tracking_uri=ref.tracking_uri,
+                metric_key=DEFAULT_METRIC, metric=macro_f1, data_source=params.data.source,
+                tags={BUNDLE_HASH_TAG: content_hash},
+            )
+        decision = assign_challenger_and_gate(model_name, version, DEFAULT_METRIC, tracking_uri=ref.tracking_uri)
+        payload = {**decision.to_dict(), "run_id": run_id, "tracking_uri": ref.tracking_uri,
+                   "reused_existing_version": reused}
+        write_json_atomic(out_path, payload)
+        log_artifacts(run_id, [out_path], ref.tracking_uri, artifact_dir="register")
+    return payload
+
+
+def read_test_macro_f1(metrics_path: Path) -> float:
+    """The evaluate stage's test macro-F1; a missing file or key is a one-line RegistryError."""
+    if not metrics_path.is_file():
+        raise RegistryError(f"{metrics_path}: not found (run the evaluate stage first)")
+    try:
+        value = json.loads(metrics_path.read_text()).get(EVALUATE_MACRO_F1_KEY)
+    except (ValueError, AttributeError) as exc:
+        raise RegistryError(f"{metrics_path}: not a JSON object of metrics") from exc
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RegistryError(f"{metrics_path}: {EVALUATE_MACRO_F1_KEY!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def bundle_hash(bundle_dir: Path) -> str:
+    """SHA-256 over the bundle's spec and weights: equal hashes mean the same model."""
+    digest = hashlib.sha256()
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        path = bundle_dir / name
+        if not path.is_file():
+            raise RegistryError(f"{bundle_dir}: not a model bundle (missing {name})")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def existing_version(model_name: str, content_hash: str, tracking_uri: str) -> str | None:
+    """The registered version of ``model_name`` holding exactly this bundle, if any."""
+    client = client_for(tracking_uri)
+    with mlflow_errors(tracking_uri):
+        if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+            return None
+        for version in client.search_model_versions(f"name = '{model_name}'"):
+            if version.tags.get(BUNDLE_HASH_TAG) == content_hash:
+                return str(version.version)
+    return None
