@@ -33,7 +33,7 @@ EpochCallback = Callable[[dict[str, float]], None]
 
 
 @dataclass
-class SplitTensors:
+class LabelledImages:
     """A split held in memory: normalised images (N, C, H, W) float32 and labels (N,) int64."""
 
     images: torch.Tensor
@@ -70,7 +70,7 @@ def _batches(n: int, batch_size: int, generator: Optional[torch.Generator]) -> l
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, split: SplitTensors, batch_size: int, device: torch.device,
+def evaluate_split(model: nn.Module, split: LabelledImages, batch_size: int, device: torch.device,
                    lambda_l1: float = 0.0) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of ``model`` on a split (eval mode)."""
     model.eval()
@@ -90,7 +90,7 @@ def evaluate_split(model: nn.Module, split: SplitTensors, batch_size: int, devic
     return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1), "macro_f1": macro_f1}
 
 
-def build_spec(model_params: ModelParams, class_names: list[str], train: SplitTensors) -> ModelSpec:
+def build_spec(model_params: ModelParams, class_names: list[str], train: LabelledImages) -> ModelSpec:
     n, c, h, w = train.images.shape
     return ModelSpec(
         backbone=model_params.backbone,
@@ -108,8 +108,8 @@ def train_algorithm1(
     model_params: ModelParams,
     train_params: TrainParams,
     class_names: list[str],
-    train: SplitTensors,
-    val: SplitTensors,
+    train: LabelledImages,
+    val: LabelledImages,
     checkpoint_dir: Optional[Path] = None,
     data_fingerprint: str = "",
     on_epoch: Optional[EpochCallback] = None,

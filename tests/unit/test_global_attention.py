@@ -7,7 +7,7 @@ import torch
 
 from medattn.config import ModelParams, TrainParams
 from medattn.models.global_attention import PixelCNN, pixel_representation_from_images
-from medattn.training.algorithm1 import SplitTensors, train_algorithm1
+from medattn.training.algorithm1 import LabelledImages, train_algorithm1
 from medattn.training.losses import attention_classification_loss
 
 
@@ -37,12 +37,12 @@ def test_loss_terms_add_up_and_l1_is_pixel_mean() -> None:
     assert off.total.item() == pytest.approx(off.cross_entropy.item())
 
 
-def _toy_data(n: int = 24, size: int = 16, seed: int = 0) -> tuple[SplitTensors, SplitTensors]:
+def _toy_data(n: int = 24, size: int = 16, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
     images = torch.randn(n, 3, size, size, generator=g) * 0.1
     images[labels == 1, :, 4:8, 4:8] += 2.0  # class 1 has a bright patch: learnable
-    return SplitTensors(images, labels), SplitTensors(images[:8].clone(), labels[:8].clone())
+    return LabelledImages(images, labels), LabelledImages(images[:8].clone(), labels[:8].clone())
 
 
 def _params(epochs: int = 4, cutoff: int = 2, seed: int = 0) -> tuple[ModelParams, TrainParams]:
