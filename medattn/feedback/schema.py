@@ -1,0 +1,251 @@
+"""What an expert submits: regions of interest (ROIs) drawn on a prediction's attention map.
+
+Wire format (JSON), all coordinates in *image pixel* units of the original image (not of the
+resized model input and not of the screen), origin top-left, x to the right, y down::
+
+    {"request_id": "...", "model_name": "medattn-fundus", "model_version": "3",
+     "expert_id": "dr-lee", "corrected_label": "2", "comment": "lesion missed",
+     "rois": [
+       {"shape": "rectangle", "kind": "relevant", "x": 10, "y": 12, "width": 30, "height": 20},
+       {"shape": "polygon", "kind": "irrelevant", "points": [[5, 5], [40, 5], [20, 30]]},
+       {"shape": "brush", "kind": "relevant", "mask_png_base64": "iVBORw0..."},
+       {"shape": "brush", "kind": "relevant", "rle": {"width": 64, "height": 48, "counts": [...]}}]}
+
+A brush mask covers the whole image (same width and height); see ``rasterize`` for the pixel
+convention and how the RLE counts are read. Parse with :func:`parse_submission` and check with
+:meth:`FeedbackSubmission.validate_against` once the image size is known; both raise
+:class:`InvalidFeedback` whose one-line message names the field or ``rois[i]`` at fault.
+
+The feedback errors live here, beside the contract they guard; each carries the HTTP status
+the service answers with (``status_code``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
+
+import numpy as np
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
+
+from medattn.errors import MedattnError
+from medattn.feedback import rasterize
+
+MAX_ROIS = 50
+MAX_POLYGON_POINTS = 1000
+MAX_RLE_RUNS = 1_000_000
+MAX_COMMENT_LENGTH = 2000
+MAX_NAME_LENGTH = 200
+# Base64 of an 8 MiB PNG; a full-image brush mask compresses far below this.
+MAX_MASK_PNG_BASE64_CHARS = 8 * 1024 * 1024 * 4 // 3 + 64
+MAX_IMAGE_SIDE = 16384
+
+
+class FeedbackError(MedattnError):
+    """Base of the feedback errors; ``status_code`` is the HTTP answer the service gives."""
+
+    status_code = 400
+
+
+class InvalidFeedback(FeedbackError):
+    """The submission (or a query on the store) is malformed or does not fit the image."""
+
+    status_code = 422
+
+    def __init__(self, message: str, problems: Optional[list[str]] = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+class UnknownRequest(FeedbackError):
+    """The feedback names a ``request_id`` the service never answered."""
+
+    status_code = 404
+
+
+class FeedbackNotFound(FeedbackError):
+    """No feedback record (or image blob) with that id."""
+
+    status_code = 404
+
+
+class FeedbackConflict(FeedbackError):
+    """An Idempotency-Key reused with a different body, or feedback already consumed."""
+
+    status_code = 409
+
+
+class StoreUnavailable(FeedbackError):
+    """The feedback database cannot be reached or is of an incompatible schema version."""
+
+    status_code = 503
+
+
+RoiKind = Literal["relevant", "irrelevant"]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+
+
+class _Model(BaseModel):
+    # extra="forbid": a typo such as "w" for "width" is an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, str_strip_whitespace=True)
+
+
+class RectangleRoi(_Model):
+    shape: Literal["rectangle"]
+    kind: RoiKind
+    x: float
+    y: float
+    width: float
+    height: float
+
+    @model_validator(mode="after")
+    def _positive_area(self) -> "RectangleRoi":
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"rectangle has zero or negative area (width={self.width:g}, height={self.height:g})")
+        return self
+
+
+class PolygonRoi(_Model):
+    shape: Literal["polygon"]
+    kind: RoiKind
+    points: list[tuple[float, float]] = Field(max_length=MAX_POLYGON_POINTS)
+
+    @field_validator("points")
+    @classmethod
+    def _not_degenerate(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        if len(points) < 3:
+            raise ValueError(f"a polygon needs at least 3 points, got {len(points)}")
+        if len(set(points)) < 3:
+            raise ValueError("polygon has fewer than 3 distinct points (repeated identical points)")
+        xs, ys = np.asarray(points).T
+        twice_area = float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1)))
+        if twice_area == 0.0:
+            raise ValueError("polygon has zero area (its points are collinear)")
+        return points
+
+
+class RunLengthMask(_Model):
+    width: int = Field(ge=1, le=MAX_IMAGE_SIDE)
+    height: int = Field(ge=1, le=MAX_IMAGE_SIDE)
+    counts: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_RLE_RUNS)
+
+    @model_validator(mode="after")
+    def _covers_image(self) -> "RunLengthMask":
+        total = sum(self.counts)
+        if total != self.width * self.height:
+            raise ValueError(f"run lengths sum to {total}, expected width*height = {self.width * self.height}")
+        return self
+
+
+class BrushRoi(_Model):
+    shape: Literal["brush"]
+    kind: RoiKind
+    mask_png_base64: Optional[str] = Field(default=None, max_length=MAX_MASK_PNG_BASE64_CHARS)
+    rle: Optional[RunLengthMask] = None
+    _mask: Optional[np.ndarray] = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _decode(self) -> "BrushRoi":
+        if (self.mask_png_base64 is None) == (self.rle is None):
+            raise ValueError("a brush needs exactly one of mask_png_base64 or rle")
+        if self.mask_png_base64 is not None:
+            # Decode now so a damaged PNG is a 422 at submission, not a failure at retraining.
+            self._mask = rasterize.png_mask_to_array(rasterize.open_png_mask(self.mask_png_base64))
+        return self
+
+    def mask(self) -> np.ndarray:
+        """Boolean (H, W) painted mask."""
+        if self._mask is None:
+            assert self.rle is not None
+            self._mask = rasterize.decode_rle(self.rle.counts, self.rle.width, self.rle.height)
+        return self._mask
+
+
+Roi = Annotated[Union[RectangleRoi, PolygonRoi, BrushRoi], Field(discriminator="shape")]
+
+
+class FeedbackSubmission(_Model):
+    """One expert's feedback on one image (the body of ``POST /feedback``)."""
+
+    request_id: Optional[str] = Field(default=None, min_length=1, max_length=128)
+    model_name: Name
+    model_version: Name
+    expert_id: Name
+    rois: list[Roi] = Field(default_factory=list, max_length=MAX_ROIS)
+    corrected_label: Optional[Name] = None
+    comment: Optional[str] = Field(default=None, max_length=MAX_COMMENT_LENGTH)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "FeedbackSubmission":
+        if not self.rois and self.corrected_label is None:
+            raise ValueError("feedback needs at least one ROI or a corrected_label")
+        return self
+
+    def validate_against(self, width: int, height: int) -> "FeedbackSubmission":
+        """Check every ROI against an image of ``width`` x ``height`` pixels; returns self.
+
+        Raises :class:`InvalidFeedback` listing every problem (``problems``), one line joined by "; ".
+        """
+        if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+            raise InvalidFeedback(f"image size {width}x{height} is outside 1..{MAX_IMAGE_SIDE} pixels")
+        problems = [f"rois[{i}] ({roi.shape}): {problem}"
+                    for i, roi in enumerate(self.rois)
+                    if (problem := _roi_problem(roi, width, height))]
+        if problems:
+            raise InvalidFeedback("; ".join(problems), problems)
+        return self
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        """JSON-able form used to tell whether two submissions are the same body."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _roi_problem(roi: Roi, width: int, height: int) -> Optional[str]:
+    where = f"the {width}x{height} image"
+    if isinstance(roi, RectangleRoi):
+        # x + width is computed: allow float rounding (20.000000000000004) at the far edge.
+        if roi.x < 0 or roi.y < 0 or roi.x + roi.width > width + 1e-6 or roi.y + roi.height > height + 1e-6:
+            return (f"x={roi.x:g}, y={roi.y:g}, width={roi.width:g}, height={roi.height:g} "
+                    f"reaches outside {where}")
+    elif isinstance(roi, PolygonRoi):
+        for n, (x, y) in enumerate(roi.points):
+            if not (0 <= x <= width and 0 <= y <= height):
+                return f"point {n} ({x:g}, {y:g}) lies outside {where}"
+    else:
+        mask_h, mask_w = roi.mask().shape
+        if (mask_w, mask_h) != (width, height):
+            return f"mask is {mask_w}x{mask_h} but the image is {width}x{height}"
+    if not rasterize.roi_mask(roi, width, height).any():
+        return "covers no pixel centre (draw a larger region)" if roi.shape != "brush" else "paints no pixel"
+    return None
+
+
+def parse_submission(raw: Union[bytes, str, Mapping[str, Any]]) -> FeedbackSubmission:
+    """Parse a JSON body (or an already decoded mapping); errors become :class:`InvalidFeedback`."""
+    try:
+        if isinstance(raw, (bytes, str)):
+            return FeedbackSubmission.model_validate_json(raw)
+        return FeedbackSubmission.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors(include_url=False)]
+        raise InvalidFeedback("; ".join(problems), problems) from None
+
+
+_ROI_TAGS = {"rectangle", "polygon", "brush"}
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """``rois[1] (polygon).points: a polygon needs at least 3 points, got 2``."""
+    where = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part in _ROI_TAGS and where.endswith("]"):
+            where += f" ({part})"
+        else:
+            where += f".{part}" if where else str(part)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "json_invalid":
+        return f"body is not valid JSON: {json.dumps(error.get('ctx', {}).get('error', message))}"
+    return f"{where}: {message}" if where else message
