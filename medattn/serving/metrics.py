@@ -1,0 +1,239 @@
+"""Prometheus metrics of the medattn service, exposed on BentoML's own ``/metrics``.
+
+BentoML already counts and times every HTTP request (``bentoml_service_request_total`` and
+``bentoml_service_request_duration_seconds``, labels ``endpoint``, ``http_response_code``,
+``service_name``, ``service_version``, ``runner_name``). This module adds what only the model
+knows: what it predicts, how sure it is, where its attention goes, what experts send back,
+and which model is being served.
+
+Multiprocess mode: BentoML runs each worker with ``PROMETHEUS_MULTIPROC_DIR`` set and its
+``/metrics`` merges every worker's files with ``MultiProcessCollector``. A ``prometheus_client``
+metric joins that merge only if the library was first imported with the variable already set,
+so ``prometheus_client`` is imported when the metrics are first *created* (``get_metrics()``,
+called by the service at start-up), not when this module is imported. Gauges say how workers'
+values combine (``multiprocess_mode``); ``Info`` is unsupported there, so the model info is a
+gauge set to 1.
+
+Attention statistics, for drift (both computed on one (H, W) map, see the helpers):
+
+- entropy of the map normalised to a probability distribution, divided by log(H*W) so it lies
+  in [0, 1] whatever the image size: 1 = attention spread evenly, 0 = all on one pixel;
+- central mass: the share of attention inside the *central field*, the disc centred on the
+  image centre with radius 1/4 of the image side (the shorter side if not square). A uniform
+  map puts pi/16 (about 0.196) of its mass there.
+
+The service calls the module-level functions (``record_prediction`` ...); tests build their own
+``ServingMetrics(registry=CollectorRegistry())`` and read values back from that registry.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+# BentoML's built-in request metrics (namespace ``bentoml_service`` in BentoML 1.4, from
+# RunnerTrafficMetricsMiddleware); the alert rules and the dashboard build on them.
+BENTOML_REQUEST_TOTAL = "bentoml_service_request_total"
+BENTOML_REQUEST_DURATION = "bentoml_service_request_duration_seconds"
+BENTOML_REQUEST_IN_PROGRESS = "bentoml_service_request_in_progress"
+
+# Top-class probability is at least 1/n_classes, and what matters is the high end.
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+# Normalised entropy of smooth maps sits close to 1, so the buckets crowd there.
+ENTROPY_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
+CENTRAL_MASS_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+CENTRAL_FIELD_RADIUS_FRACTION = 0.25
+
+
+def _as_map(att: np.ndarray) -> np.ndarray:
+    """One attention map as a 2-D float array; (1, H, W) and (1, 1, H, W) are squeezed."""
+    arr = np.asarray(att, dtype=np.float64)
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or arr.size < 2:
+        raise ValueError(f"attention map must be one (H, W) map of >= 2 pixels, got shape {np.shape(att)}")
+    if not np.all(np.isfinite(arr)) or arr.min() < 0:
+        raise ValueError("attention map must be finite and non-negative")
+    return arr
+
+
+def _as_distribution(arr: np.ndarray) -> np.ndarray:
+    total = arr.sum()
+    # An all-zero map prefers no pixel: treat it as uniform rather than undefined.
+    if total <= 0:
+        return np.full(arr.shape, 1.0 / arr.size)
+    return arr / total
+
+
+def attention_entropy(att: np.ndarray) -> float:
+    """Shannon entropy of the map normalised to sum 1, divided by log(H*W): in [0, 1]."""
+    p = _as_distribution(_as_map(att)).ravel()
+    n_pixels = p.size
+    p = p[p > 0]
+    entropy = float(-(p * np.log(p)).sum())
+    # Clamp float round-off (a uniform map can give 1 + 1e-16, a one-hot map -0.0).
+    return min(max(0.0, entropy / math.log(n_pixels)), 1.0)
+
+
+def central_field_mask(height: int, width: int) -> np.ndarray:
+    """Boolean (H, W) mask of pixels whose centre lies in the central disc of radius side/4."""
+    radius = CENTRAL_FIELD_RADIUS_FRACTION * min(height, width)
+    rows = np.arange(height) + 0.5 - height / 2
+    cols = np.arange(width) + 0.5 - width / 2
+    return rows[:, None] ** 2 + cols[None, :] ** 2 <= radius**2
+
+
+def central_mass(att: np.ndarray) -> float:
+    """Share of the attention mass inside the central field (see the module docstring)."""
+    p = _as_distribution(_as_map(att))
+    return float(p[central_field_mask(*p.shape)].sum())
+
+
+class ServingMetrics:
+    """Every medattn metric in one registry; None = prometheus_client.REGISTRY, the one BentoML reads."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        import prometheus_client as prom  # deferred on purpose, see the module docstring
+
+        reg = prom.REGISTRY if registry is None else registry
+        self.registry = reg
+        self.predictions = prom.Counter(
+            "medattn_predictions_total", "Predictions served, by predicted label and model version",
+            ["label", "model_version"], registry=reg)
+        self.confidence = prom.Histogram(
+            "medattn_prediction_confidence", "Top-class probability of each prediction",
+            ["model_version"], buckets=CONFIDENCE_BUCKETS, registry=reg)
+        self.attention_entropy = prom.Histogram(
+            "medattn_attention_entropy", "Entropy of the normalised attention map / log(pixels), in [0, 1]",
+            ["model_version"], buckets=ENTROPY_BUCKETS, registry=reg)
+        self.attention_central_mass = prom.Histogram(
+            "medattn_attention_central_mass", "Share of attention inside the central disc of radius side/4",
+            ["model_version"], buckets=CENTRAL_MASS_BUCKETS, registry=reg)
+        self.feedback = prom.Counter(
+            "medattn_feedback_total", "Expert feedback submissions, by ROI kinds drawn and label correction",
+            ["roi_kinds", "label_corrected"], registry=reg)
+        self.feedback_rois = prom.Counter(
+            "medattn_feedback_rois_total", "Expert ROIs received, by kind", ["kind"], registry=reg)
+        # The count comes from the shared feedback store, so the latest write by any live worker is right.
+        self.feedback_waiting = prom.Gauge(
+            "medattn_feedback_waiting", "Feedback items stored since the last recalibration",
+            registry=reg, multiprocess_mode="livemostrecent")
+        # max over workers: a version shows 1 while at least one worker serves it.
+        self.model_info = prom.Gauge(
+            "medattn_model_info", "1 for the model name and version being served",
+            ["model_name", "version"], registry=reg, multiprocess_mode="livemax")
+        # min over workers: 0 as soon as one worker has no model.
+        self.model_loaded = prom.Gauge(
+            "medattn_model_loaded", "1 when a model is loaded and serving, else 0",
+            registry=reg, multiprocess_mode="livemin")
+        self.errors = prom.Counter(
+            "medattn_errors_total", "Requests the service answered with an error",
+            ["endpoint", "http_status", "error_type"], registry=reg)
+        self.model_reloads = prom.Counter(
+            "medattn_model_reloads_total", "Model reloads, by outcome", ["outcome"], registry=reg)
+        # Exported at 0 from the start, so increase() sees the first failure (a new series has no "before").
+        for outcome in ("success", "failure"):
+            self.model_reloads.labels(outcome=outcome)
+        self._served: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def record_prediction(self, *, label: str, model_version: str, confidence: float,
+                          attention: np.ndarray) -> None:
+        """Count one prediction and observe its confidence and attention statistics."""
+        if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0):
+            raise ValueError(f"confidence must be a probability in [0, 1], got {confidence!r}")
+        entropy, mass = attention_entropy(attention), central_mass(attention)
+        self.predictions.labels(label=label, model_version=model_version).inc()
+        self.confidence.labels(model_version=model_version).observe(confidence)
+        self.attention_entropy.labels(model_version=model_version).observe(entropy)
+        self.attention_central_mass.labels(model_version=model_version).observe(mass)
+
+    def record_feedback(self, *, relevant_rois: int, irrelevant_rois: int, label_corrected: bool) -> None:
+        """Count one feedback submission and the ROIs it carries."""
+        if relevant_rois < 0 or irrelevant_rois < 0:
+            raise ValueError("ROI counts must be >= 0")
+        kinds = {(True, True): "both", (True, False): "relevant",
+                 (False, True): "irrelevant", (False, False): "none"}[(relevant_rois > 0, irrelevant_rois > 0)]
+        self.feedback.labels(roi_kinds=kinds, label_corrected="yes" if label_corrected else "no").inc()
+        self.feedback_rois.labels(kind="relevant").inc(relevant_rois)
+        self.feedback_rois.labels(kind="irrelevant").inc(irrelevant_rois)
+
+    def set_feedback_waiting(self, count: int) -> None:
+        """Feedback items stored since the last recalibration (read from the store)."""
+        if count < 0:
+            raise ValueError("feedback waiting count must be >= 0")
+        self.feedback_waiting.set(count)
+
+    def set_serving_model(self, model_name: str, version: str) -> None:
+        """Mark (model_name, version) as served: info 1 (previous ones 0) and loaded 1."""
+        with self._lock:
+            # Multiprocess mode cannot remove a labelled series, so an older version drops to 0.
+            for old in self._served - {(model_name, version)}:
+                self.model_info.labels(model_name=old[0], version=old[1]).set(0)
+            self._served.add((model_name, version))
+            self.model_info.labels(model_name=model_name, version=version).set(1)
+            self.model_loaded.set(1)
+
+    def clear_serving_model(self) -> None:
+        """No model is served any more (unloaded, or a load failed)."""
+        with self._lock:
+            for name, version in self._served:
+                self.model_info.labels(model_name=name, version=version).set(0)
+            self.model_loaded.set(0)
+
+    def record_error(self, *, endpoint: str, http_status: int, error_type: str) -> None:
+        """Count a request answered with an error; error_type is the exception class name."""
+        self.errors.labels(endpoint=endpoint, http_status=str(http_status), error_type=error_type).inc()
+
+    def record_model_reload(self, *, success: bool) -> None:
+        self.model_reloads.labels(outcome="success" if success else "failure").inc()
+
+
+_default: ServingMetrics | None = None
+_default_lock = threading.Lock()
+
+
+def get_metrics() -> ServingMetrics:
+    """The process-wide metrics on the default registry, created on first call."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = ServingMetrics()
+        return _default
+
+
+def record_prediction(*, label: str, model_version: str, confidence: float, attention: np.ndarray) -> None:
+    get_metrics().record_prediction(label=label, model_version=model_version,
+                                    confidence=confidence, attention=attention)
+
+
+def record_feedback(*, relevant_rois: int, irrelevant_rois: int, label_corrected: bool) -> None:
+    get_metrics().record_feedback(relevant_rois=relevant_rois, irrelevant_rois=irrelevant_rois,
+                                  label_corrected=label_corrected)
+
+
+def set_feedback_waiting(count: int) -> None:
+    get_metrics().set_feedback_waiting(count)
+
+
+def set_serving_model(model_name: str, version: str) -> None:
+    get_metrics().set_serving_model(model_name, version)
+
+
+def clear_serving_model() -> None:
+    get_metrics().clear_serving_model()
+
+
+def record_error(*, endpoint: str, http_status: int, error_type: str) -> None:
+    get_metrics().record_error(endpoint=endpoint, http_status=http_status, error_type=error_type)
+
+
+def record_model_reload(*, success: bool) -> None:
+    get_metrics().record_model_reload(success=success)
