@@ -58,9 +58,9 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 40
-    cutoff_epoch: int = 20
-    lambda_l1: float = 0.001
+    epochs: int = 15
+    cutoff_epoch: int = 8
+    lambda_l1: float = 0.1
     lr: float = 0.002
     batch_size: int = 32
     weight_decay: float = 0.0001

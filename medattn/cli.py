@@ -1,0 +1,112 @@
+"""``medattn``: the one command-line entry point.
+
+The pipeline itself runs through DVC (``dvc repro``, ``dvc exp run``); this CLI covers what
+happens around it: browsing runs, the model registry's aliases, serving, expert feedback and
+API tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medattn.config import load_params
+from medattn.stage import run_stage
+
+app = typer.Typer(
+    help="medattn: attention-guided medical image classification with expert feedback. "
+    "Run the pipeline with `dvc repro`; use these commands to browse runs (mlflow-ui), manage registered "
+    "models (model), serve predictions with attention maps (serve), export expert feedback (feedback) "
+    "and create API tokens (auth).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Registered models: which version is champion / challenger, promote, roll back.",
+                        no_args_is_help=True)
+feedback_app = typer.Typer(help="Expert feedback stored by the HTTP service.", no_args_is_help=True)
+auth_app = typer.Typer(help="API bearer tokens (stored hashed).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(auth_app, name="auth")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="parameters file with the mlflow.* settings")]
+NameOption = Annotated[Optional[str], typer.Option("--name", help="registered model name (default: mlflow.model_name)")]
+
+
+def _tracking(params_path: Path, name: Optional[str]) -> tuple[str, str]:
+    from medattn.registry import resolve_tracking_uri
+
+    params = load_params(params_path)
+    return resolve_tracking_uri(params.mlflow.tracking_uri), name or params.mlflow.model_name
+
+
+@app.command("mlflow-ui")
+def mlflow_ui(
+    params: ParamsOption = Path("params.yaml"),
+    port: Annotated[int, typer.Option(help="port of the MLflow UI")] = 5000,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on this project's tracking database (runs side by side, registered models)."""
+    from medattn.registry import mlflow_ui_command
+
+    uri, _ = _tracking(params, None)
+    command = mlflow_ui_command(uri).split() + ["--host", host, "--port", str(port)]
+    typer.echo(f"MLflow UI on http://{host}:{port}  ({' '.join(command)})")
+    os.execvp(command[0], command)
+
+
+@model_app.command("info")
+def model_info(params: ParamsOption = Path("params.yaml"), name: NameOption = None,
+               alias: Annotated[str, typer.Argument(help="alias (champion, challenger), version number or latest")]
+               = "champion") -> None:
+    """Show a registered version: number, aliases, run and test macro-F1."""
+    from medattn.registry import get_model_version_info
+
+    uri, model_name = _tracking(params, name)
+    typer.echo(json.dumps(get_model_version_info(model_name, alias, tracking_uri=uri).to_dict(), indent=2))
+
+
+@model_app.command("promote")
+def model_promote(params: ParamsOption = Path("params.yaml"), name: NameOption = None) -> None:
+    """Accept the challenger: it becomes champion (served models pick it up on reload / poll)."""
+    from medattn.registry import promote_challenger
+
+    uri, model_name = _tracking(params, name)
+    info = promote_challenger(model_name, tracking_uri=uri)
+    typer.echo(f"{model_name}: champion is now version {info.version}")
+
+
+@model_app.command("rollback")
+def model_rollback(params: ParamsOption = Path("params.yaml"), name: NameOption = None) -> None:
+    """Point champion back at the previous champion."""
+    from medattn.registry import rollback_champion
+
+    uri, model_name = _tracking(params, name)
+    info = rollback_champion(model_name, tracking_uri=uri)
+    typer.echo(f"{model_name}: champion rolled back to version {info.version}")
+
+
+def _register_library_commands() -> None:
+    # Imported here so `medattn --help` stays fast and each concern keeps its own command code.
+    from medattn.feedback.export import export_command
+    from medattn.serving.auth import hash_token_command
+
+    feedback_app.command("export")(export_command)
+    auth_app.command("hash-token")(hash_token_command)
+
+
+_register_library_commands()
+
+
+def main() -> None:
+    """Console-script entry: user errors print one line and exit 1."""
+    run_stage(lambda: app(prog_name="medattn"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
