@@ -44,8 +44,9 @@ system-deps:
 
 demo: setup
 	$(BIN)/dvc repro
-	@echo; $(BIN)/dvc metrics show
-	@echo; echo "Runs and the registered model: make mlflow-ui  (then open http://127.0.0.1:5000)"
+	@echo
+	@echo "Metrics: dvc metrics show    Plots: dvc plots show    Figures: reports/*/figures/"
+	@echo "Runs and the registered model: make mlflow-ui  (then open http://127.0.0.1:5000)"
 
 test: setup system-deps
 	$(BIN)/python -m pytest
