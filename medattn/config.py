@@ -186,6 +186,7 @@ def validate_params(p: Params) -> Params:
     _check(m.attention in ATTENTIONS, f"model.attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}")
     _check(1 <= m.K <= 4096, f"model.K must be in [1, 4096], got {m.K}")
     if m.pretrained_weights is not None:
+        _check(m.backbone != "small_cnn", "model.pretrained_weights must be null for small_cnn (it has no ImageNet weights)")
         _check(Path(m.pretrained_weights).is_file(),
                f"model.pretrained_weights: no such file {m.pretrained_weights!r}")
     t = p.train

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medattn.config import load_params
 from medattn.evaluation.run import run_evaluation
-from medattn.registry import read_run_ref
+from medattn.registry import get_run, read_run_ref
 from medattn.stage import run_stage
 
 
@@ -24,6 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     run_ref = read_run_ref(Path("reports/train/mlflow_run.json"))
+    get_run(run_ref.run_id, run_ref.tracking_uri)  # an unknown run fails here, before any report is written
     metrics = run_evaluation(params, args.model, args.data, args.out, run_ref)
     line = f"test macro-F1 {metrics['macro_f1']:.3f} (majority baseline {metrics['baseline']['macro_f1']:.3f})"
     faith = metrics.get("attention") or {}

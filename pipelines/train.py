@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared dataset (default: %(default)s)")
     args = parser.parse_args()
     params = load_params(args.params)
-    outputs = TrainOutputs(Path("models/model"), Path("reports/train"), Path("checkpoints/train"))
+    outputs = TrainOutputs(Path("models/model"), Path("reports/train"), Path("checkpoints/train"),
+                           validation_report_dir=Path("reports/validation"))
     result = run_training(params, args.data, outputs)
     best = result.history[result.best_epoch - 1]
     print(f"trained {result.spec.backbone}+{result.spec.attention}: best epoch {result.best_epoch}, "

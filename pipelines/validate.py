@@ -15,6 +15,7 @@ from pathlib import Path
 from medattn.config import load_params
 from medattn.data.validation import validate_dataset
 from medattn.errors import MedattnError
+from medattn.stage import run_stage
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

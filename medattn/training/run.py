@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from medattn.config import Params
 from medattn.data.dataset import load_split
@@ -26,6 +27,8 @@ class TrainOutputs:
     bundle_dir: Path
     report_dir: Path
     checkpoint_dir: Path
+    # the validate stage's report, logged with the run so MLflow shows what data was trained on
+    validation_report_dir: Optional[Path] = None
 
 
 def _labelled(dataset_dir: Path, split: str) -> tuple[LabelledImages, list[str]]:
@@ -55,7 +58,6 @@ def run_training(params: Params, dataset_dir: Path, outputs: TrainOutputs, progr
     device = resolve_device(params.train.device)
     tags = {"stage": "train", "data.source": params.data.source, "device": str(device)}
     with pipeline_run(params.flat(), params.mlflow.experiment, uri, tags=tags) as run_id:
-        write_run_ref(outputs.report_dir / "mlflow_run.json", run_id, uri)
         started = time.perf_counter()
         result = train_algorithm1(
             params.model,
@@ -73,6 +75,9 @@ def run_training(params: Params, dataset_dir: Path, outputs: TrainOutputs, progr
             # epochs before the interruption were logged by the killed process's own run
             log_epoch_metrics(run_id, result.history[: result.resumed_from_epoch], uri)
         save_bundle(result.model, result.spec, outputs.bundle_dir)
+        # written only once there is a model: a failed train must not leave a reference that
+        # later stages would follow to a FAILED run
+        write_run_ref(outputs.report_dir / "mlflow_run.json", run_id, uri)
 
         best = result.history[result.best_epoch - 1] if result.best_epoch else result.history[-1]
         summary = {
@@ -93,4 +98,6 @@ def run_training(params: Params, dataset_dir: Path, outputs: TrainOutputs, progr
         log_metrics(run_id, {f"train_{k}": v for k, v in summary.items()}, uri)
         log_artifacts(run_id, [*figures, report / "history.csv", outputs.bundle_dir / "model_spec.json"], uri,
                       artifact_dir="train")
+        if outputs.validation_report_dir is not None and outputs.validation_report_dir.is_dir():
+            log_artifacts(run_id, [outputs.validation_report_dir], uri)
     return result
