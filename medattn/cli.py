@@ -60,6 +60,17 @@ def mlflow_ui(
     os.execvp(command[0], command)
 
 
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
+) -> None:
+    """Serve the registry's champion over HTTP (BentoML): predictions with attention maps, expert feedback, /metrics. Settings come from MEDATTN_* environment variables (README, "Serving") and are checked before BentoML starts."""
+    from medattn.serving.settings import run_bentoml_serve
+
+    raise typer.Exit(run_bentoml_serve(host, port))
+
+
 @model_app.command("info")
 def model_info(params: ParamsOption = Path("params.yaml"), name: NameOption = None,
                alias: Annotated[str, typer.Argument(help="alias (champion, challenger), version number or latest")]

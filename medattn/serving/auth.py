@@ -217,4 +217,5 @@ def hash_token_command(
         token = secrets.token_urlsafe(32)
         # The token itself goes to stderr so that redirecting stdout into the file stores only the digest.
         typer.echo(f"token for {name} (give it to them, it is not stored): {token}", err=True)
-    typer.echo(json.dumps({"name": name, "role": role, "sha256": hash_token(token)}))
+    # A YAML list item: `medattn auth hash-token NAME >> tokens.yaml` grows a valid token file.
+    typer.echo("- " + json.dumps({"name": name, "role": role, "sha256": hash_token(token)}))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medattn.errors import MedattnError
 from medattn.serving.auth import (ANONYMOUS, AuthConfigError, Authenticator, AuthError, Principal,
@@ -124,18 +125,24 @@ def test_unreadable_config(tmp_path: Path) -> None:
 
 
 def test_hash_token_command_prints_a_working_entry(capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     hash_token_command("dr-lee", role="expert")
     out, err = capsys.readouterr()
     token = err.strip().rsplit(" ", 1)[-1]
-    entry = json.loads(out)
+    (entry,) = yaml.safe_load(out)
     assert entry == {"name": "dr-lee", "role": "expert", "sha256": hash_token(token)}
     assert token not in out  # stdout (what goes into the file) holds only the digest
     assert Authenticator.from_mapping([entry], "cfg").check(f"Bearer {token}", "expert").name == "dr-lee"
 
     monkeypatch.setattr("sys.stdin", io.StringIO("my-own-long-token-value\n"))
     hash_token_command("ops", role="admin", stdin=True)
-    assert json.loads(capsys.readouterr().out)["sha256"] == hash_token("my-own-long-token-value")
+    second = capsys.readouterr().out
+    assert yaml.safe_load(second)[0]["sha256"] == hash_token("my-own-long-token-value")
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text(out + second)  # what `>> tokens.yaml` twice leaves behind
+    both = Authenticator.from_file(tokens_file)
+    assert both.check(f"Bearer {token}", "expert").name == "dr-lee"
+    assert both.check("Bearer my-own-long-token-value", "admin").name == "ops"
     monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
     with pytest.raises(AuthConfigError, match="at least 16 characters"):
         hash_token_command("ops", role="admin", stdin=True)

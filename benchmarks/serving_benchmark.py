@@ -1,0 +1,315 @@
+"""Served vs in-process: what does HTTP + BentoML cost per prediction?
+
+Both sides do the same work per image: decode the PNG upload, pre-process it as in training,
+run the model, colour-map the attention map back to the image's size and encode it as PNG
+(``medattn.serving``). In process, ``threads`` callers share one :class:`Predictor`; served,
+``clients`` HTTP clients post to ``/predict`` of a real ``bentoml serve`` on loopback, whose
+model runner batches concurrent requests (and which also stores each image and prediction
+for feedback, as in production). Printed per concurrency level: throughput (images/s), p50 and
+p99 latency, and the served / in-process throughput ratio.
+
+By default a model is built at random (``small_cnn`` + global attention, ``--model-size`` px)
+and registered as champion in a throw-away MLflow database, so the benchmark needs no setup;
+``--tracking-uri`` and ``--model-name`` measure a real registered champion instead.
+
+    python benchmarks/serving_benchmark.py                    # 1 and 8 clients
+    python benchmarks/serving_benchmark.py --clients 1 4 8 --requests 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Level:
+    mode: str
+    concurrency: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrency levels")
+    parser.add_argument("--requests", type=int, default=240, help="timed predictions per level and mode")
+    parser.add_argument("--warmup", type=int, default=64,
+                        help="untimed predictions before each level (lets the batcher learn its costs)")
+    parser.add_argument("--images", type=int, default=32, help="distinct images, cycled")
+    parser.add_argument("--image-px", type=int, default=256, help="uploaded images are N x N pixels")
+    parser.add_argument("--model-size", type=int, default=96, help="model input size (random model only)")
+    parser.add_argument("--backbone", default="small_cnn", help="backbone of the random model (random init)")
+    parser.add_argument("--tracking-uri", default=None, help="serve this registry's champion instead")
+    parser.add_argument("--model-name", default=None, help="registered model name (with --tracking-uri)")
+    parser.add_argument("--port", type=int, default=0, help="0 = a free port")
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="extra environment of the server, e.g. MEDATTN_TORCH_THREADS=1")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser.parse_args()
+
+
+def make_images(count: int, size: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for i in range(count):
+        base = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), xx * yy], axis=2) * 0.5 + 0.5
+        pixels = np.clip(base * 200 + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def register_random_model(workdir: Path, image_size: int, backbone: str, images: list[bytes]) -> tuple[str, str]:
+    import torch
+
+    from medattn.models.bundle import save_bundle
+    from medattn.models.factory import ModelSpec, create_model
+    from medattn.registry import assign_challenger_and_gate, end_run, log_bundle_model, start_pipeline_run
+
+    from medattn.data.preprocess import to_model_input
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone=backbone, attention="global_pixel", num_classes=3, image_size=image_size,
+                     class_names=("0", "1", "2"), n_pixel_channels=6)
+    model = create_model(spec)
+    # Seed 001's pixel representation: training images stacked as channels (two images here).
+    stacked = [to_model_input(Image.open(io.BytesIO(data)), image_size) for data in images[:2]]
+    model.set_pixel_representation(torch.cat(stacked)[None])
+    model.freeze()
+    bundle = save_bundle(model, spec, workdir / "bundle")
+    uri, name = f"sqlite:///{workdir / 'mlflow.db'}", "benchmark-model"
+    run_id = start_pipeline_run({}, "benchmark", uri)
+    version = log_bundle_model(run_id, bundle, name, tracking_uri=uri, metric=1.0)
+    end_run(run_id, uri)
+    assign_challenger_and_gate(name, version, tracking_uri=uri)
+    return uri, name
+
+
+def measure(call: Callable[[bytes], None], images: list[bytes], concurrency: int, n_requests: int,
+            n_warmup: int) -> tuple[float, list[float]]:
+    """(images per second, per-request latencies in seconds) with ``concurrency`` callers.
+
+    The warm-up runs on the same threads at the same concurrency, so connections, thread-local
+    clients and the server's thread pools exist before the clock starts.
+    """
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+
+        def run(count: int) -> tuple[float, list[float]]:
+            latencies: list[float] = []
+            lock = threading.Lock()
+            counter = iter(range(count))
+
+            def worker() -> None:
+                while True:
+                    with lock:
+                        index = next(counter, None)
+                    if index is None:
+                        return
+                    started = time.perf_counter()
+                    call(images[index % len(images)])
+                    elapsed = time.perf_counter() - started
+                    with lock:
+                        latencies.append(elapsed)
+
+            started = time.perf_counter()
+            for future in [pool.submit(worker) for _ in range(concurrency)]:
+                future.result()
+            return count / (time.perf_counter() - started), latencies
+
+        run(max(n_warmup, concurrency))
+        return run(n_requests)
+
+
+def level(mode: str, concurrency: int, result: tuple[float, list[float]]) -> Level:
+    throughput, latencies = result
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return Level(mode, concurrency, throughput, statistics.median(ordered) * 1000, p99 * 1000)
+
+
+def in_process_call(tracking_uri: str, model_name: str, cache: Path) -> Callable[[bytes], None]:
+    from medattn.serving.imaging import decode_image
+    from medattn.serving.inference import ChampionSlot, build_payload
+
+    slot = ChampionSlot(model_name, tracking_uri, cache)
+    slot.refresh()
+    predictor = slot.current
+
+    def call(data: bytes) -> None:
+        image = decode_image(data, "image/png")
+        [raw] = predictor.predict([image.image])
+        build_payload(raw, image.width, image.height, "in-process")
+
+    return call
+
+
+class Server:
+    """``bentoml serve`` of the medattn service in the background (the same command as the CLI's)."""
+
+    def __init__(self, workdir: Path, tracking_uri: str, model_name: str, port: int,
+                 extra_env: dict[str, str] | None = None) -> None:
+        from medattn.serving.settings import bentoml_serve_command
+
+        self.port = port or _free_port()
+        self.token = secrets.token_urlsafe(24)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDATTN_", "BENTOML_"))}
+        env.update({"MEDATTN_TRACKING_URI": tracking_uri, "MEDATTN_MODEL_NAME": model_name,
+                    "MEDATTN_STATE_DIR": str(workdir / "state"), "MEDATTN_POLL_SECONDS": "0",
+                    "MEDATTN_TOKENS": json.dumps({"tokens": [{"name": "bench", "role": "predict",
+                                                              "sha256": _sha256(self.token)}]}),
+                    "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"})
+        env.update(extra_env or {})
+        self.log_path = workdir / "server.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(bentoml_serve_command("127.0.0.1", self.port), cwd=REPO_ROOT, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"bentoml serve exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"server not ready after {timeout_s:.0f} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.process.pid)]
+            procs += procs[0].children(recursive=True)  # circus workers run in sessions of their own
+        except psutil.NoSuchProcess:
+            return
+        procs[0].terminate()
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        for proc in alive:
+            proc.kill()
+
+    def mean_batch_size(self) -> float | None:
+        """Mean size of the batches the runner's dispatcher formed, from BentoML's own histogram."""
+        import httpx
+
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        totals = {"sum": 0.0, "count": 0.0}
+        for line in text.splitlines():
+            for kind in totals:
+                if line.startswith(f"bentoml_service_adaptive_batch_size_{kind}{{") and "method_name=\"infer\"" in line:
+                    totals[kind] += float(line.rsplit(" ", 1)[1])
+        return totals["sum"] / totals["count"] if totals["count"] else None
+
+    def client_call(self) -> Callable[[bytes], None]:
+        import httpx
+
+        local = threading.local()
+        headers = {"Authorization": f"Bearer {self.token}"}
+
+        def call(data: bytes) -> None:
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(base_url=self.url, timeout=120, headers=headers)
+            response = local.client.post("/predict", files={"image": ("x.png", data, "image/png")})
+            if response.status_code != 200:
+                raise RuntimeError(f"/predict answered {response.status_code}: {response.text[:300]}")
+
+        return call
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sha256(token: str) -> str:
+    from medattn.serving.auth import hash_token
+
+    return hash_token(token)
+
+
+def main() -> None:
+    args = parse_args()
+    images = make_images(args.images, args.image_px)
+    with tempfile.TemporaryDirectory(prefix="medattn-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.tracking_uri:
+            if not args.model_name:
+                raise SystemExit("--tracking-uri needs --model-name")
+            uri, name = args.tracking_uri, args.model_name
+        else:
+            uri, name = register_random_model(workdir, args.model_size, args.backbone, images)
+        levels: list[Level] = []
+        local = in_process_call(uri, name, workdir / "models")
+        for concurrency in args.clients:
+            levels.append(level("in-process", concurrency, measure(local, images, concurrency, args.requests, args.warmup)))
+        extra_env = dict(item.split("=", 1) for item in args.server_env)
+        server = Server(workdir, uri, name, args.port, extra_env)
+        try:
+            server.wait_ready()
+            remote = server.client_call()
+            for concurrency in args.clients:
+                levels.append(level("served", concurrency,
+                                    measure(remote, images, concurrency, args.requests, args.warmup)))
+            batch_size = server.mean_batch_size()
+        except RuntimeError:
+            log = server.log_path.read_text(errors="replace")
+            print("\n".join(line for line in log.splitlines() if "[INFO]" not in line or "runner" in line)[-20000:])
+            raise
+        finally:
+            server.stop()
+    report(levels, args, batch_size)
+
+
+def report(levels: list[Level], args: argparse.Namespace, batch_size: float | None) -> None:
+    print(f"{args.requests} predictions per row, {args.image_px}x{args.image_px} PNG uploads, model "
+          f"{args.backbone if not args.tracking_uri else args.model_name} at {args.model_size} px, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"{'clients':>7}  {'mode':<10}  {'images/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}")
+    for row in sorted(levels, key=lambda r: (r.concurrency, r.mode)):
+        print(f"{row.concurrency:>7}  {row.mode:<10}  {row.throughput:>9.1f}  {row.p50_ms:>8.1f}  {row.p99_ms:>8.1f}")
+    ratios = {}
+    for concurrency in args.clients:
+        by_mode = {r.mode: r for r in levels if r.concurrency == concurrency}
+        ratios[concurrency] = by_mode["served"].throughput / by_mode["in-process"].throughput
+        print(f"served / in-process throughput at {concurrency} client(s): {ratios[concurrency]:.2f}")
+    if batch_size is not None:
+        print(f"mean adaptive batch size of the model runner (all served levels): {batch_size:.2f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"levels": [row.__dict__ for row in levels], "mean_batch_size": batch_size,
+                                         "ratios": {str(k): v for k, v in ratios.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Settings of the HTTP service, from environment variables (and an optional YAML file).
+
+Every setting has a variable; a YAML file named by ``MEDATTN_SERVING_CONFIG`` may hold the same
+settings under their field names (``poll_seconds: 10``), and a variable that is set wins over
+the file. Defaults need no setup: the champion of ``params.yaml: mlflow.model_name`` from the
+tracking URI the rest of medattn uses, and a state folder ``<repo>/.medattn`` for the feedback
+database and images.
+
+==========================  ======================  ============================================
+variable                    field                   default
+==========================  ======================  ============================================
+MEDATTN_TRACKING_URI        tracking_uri            (see ``medattn.registry.resolve_tracking_uri``)
+MEDATTN_MODEL_NAME          model_name              params.yaml ``mlflow.model_name``
+MEDATTN_STATE_DIR           state_dir               ``<repo>/.medattn``
+MEDATTN_FEEDBACK_DB         feedback_db             ``sqlite:///<state_dir>/feedback.db``
+MEDATTN_BLOB_DIR            blob_dir                ``<state_dir>/blobs``
+MEDATTN_MODEL_CACHE_DIR     model_cache_dir         ``<state_dir>/models``
+MEDATTN_TOKENS_FILE         tokens_file             none (then ``MEDATTN_TOKENS``, JSON)
+MEDATTN_OPEN_PREDICT        open_predict            false (true: /predict needs no token)
+MEDATTN_POLL_SECONDS        poll_seconds            30 (how often the champion alias is checked; 0 = never)
+MEDATTN_MAX_UPLOAD_BYTES    max_upload_bytes        20 MiB per request
+MEDATTN_MAX_IMAGE_PIXELS    max_image_pixels        50 000 000 per image
+MEDATTN_MAX_BATCH_IMAGES    max_batch_images        16 images per /predict_batch
+MEDATTN_DEVICE              device                  cpu (or cuda, cuda:N, auto)
+MEDATTN_TORCH_THREADS       torch_threads           0 = half the CPU cores (see below)
+==========================  ======================  ============================================
+
+``torch_threads`` is the model runner's intra-op thread count. Half the cores leaves the rest to
+the API worker, which decodes uploads and encodes attention PNGs: best for a light model (the
+demo ``small_cnn`` serves 1.6x faster than with all cores on 2 cores). When the model dominates
+(ResNet-50 at 224 px), set it to the number of cores.
+
+Two more are read by ``serving/service.py`` when it is imported, because BentoML fixes batching
+when the service class is defined: ``MEDATTN_BATCH_MAX_SIZE`` (16) and
+``MEDATTN_BATCH_MAX_LATENCY_MS`` (1000; see ``serving/service.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+import yaml
+
+from medattn.errors import ParamError
+from medattn.serving.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ImageLimits
+
+if TYPE_CHECKING:
+    from medattn.serving.auth import Authenticator
+
+SERVICE_IMPORT = "serving.service:MedattnService"
+CONFIG_FILE_ENV = "MEDATTN_SERVING_CONFIG"
+DEFAULT_MODEL_NAME = "medattn-fundus"
+STATE_DIRNAME = ".medattn"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _env_name(field: str) -> str:
+    return {"feedback_db": "MEDATTN_FEEDBACK_DB"}.get(field, f"MEDATTN_{field.upper()}")
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    tracking_uri: str
+    model_name: str
+    state_dir: Path
+    feedback_db: str
+    blob_dir: Path
+    model_cache_dir: Path
+    tokens_file: Optional[Path] = None
+    open_predict: bool = False
+    poll_seconds: float = 30.0
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_batch_images: int = 16
+    device: str = "cpu"
+    torch_threads: int = 0
+
+    @property
+    def runner_torch_threads(self) -> int:
+        """Intra-op threads of the model runner: the API worker decodes and encodes PNGs meanwhile."""
+        return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels)
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None,
+                 repo_root: Optional[Path] = None) -> "ServingSettings":
+        """Read the settings; a malformed value is a :class:`ParamError` naming its variable."""
+        from medattn.registry import find_repo_root, resolve_tracking_uri
+
+        env = os.environ if environ is None else environ
+        root = Path(repo_root) if repo_root is not None else find_repo_root()
+        raw: dict[str, Any] = dict(_read_config_file(env.get(CONFIG_FILE_ENV)))
+        for field in dataclasses.fields(cls):
+            value = env.get(_env_name(field.name))
+            if value is not None and value.strip() != "":
+                raw[field.name] = value.strip()
+
+        def where(field: str) -> str:
+            return _env_name(field) if _env_name(field) in env else f"{env.get(CONFIG_FILE_ENV)}: {field}"
+
+        state_dir = _path(raw.get("state_dir") or root / STATE_DIRNAME, root)
+        # An explicit MEDATTN_TRACKING_URI wins inside resolve_tracking_uri; a file value is "configured".
+        configured_uri = raw.get("tracking_uri") or _params_value(root, "tracking_uri")
+        settings = cls(
+            tracking_uri=resolve_tracking_uri(str(configured_uri) if configured_uri else None, start=root),
+            model_name=str(raw.get("model_name") or _params_value(root, "model_name") or DEFAULT_MODEL_NAME),
+            state_dir=state_dir,
+            feedback_db=str(raw.get("feedback_db") or f"sqlite:///{state_dir / 'feedback.db'}"),
+            blob_dir=_path(raw.get("blob_dir") or state_dir / "blobs", root),
+            model_cache_dir=_path(raw.get("model_cache_dir") or state_dir / "models", root),
+            tokens_file=_path(raw["tokens_file"], root) if raw.get("tokens_file") else None,
+            open_predict=_bool(raw.get("open_predict", False), where("open_predict")),
+            poll_seconds=_number(raw.get("poll_seconds", 30.0), float, where("poll_seconds"), 0),
+            max_upload_bytes=_number(raw.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES), int,
+                                     where("max_upload_bytes"), 1),
+            max_image_pixels=_number(raw.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS), int,
+                                     where("max_image_pixels"), 1),
+            max_batch_images=_number(raw.get("max_batch_images", 16), int, where("max_batch_images"), 1),
+            device=str(raw.get("device", "cpu")),
+            torch_threads=_number(raw.get("torch_threads", 0), int, where("torch_threads"), 0),
+        )
+        if settings.device not in ("cpu", "cuda", "auto") and not settings.device.startswith("cuda:"):
+            raise ParamError(f"{where('device')} must be cpu, cuda, cuda:N or auto, got {settings.device!r}")
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def authenticator(self, environ: Optional[Mapping[str, str]] = None) -> "Authenticator":
+        """Tokens from ``tokens_file`` or ``MEDATTN_TOKENS``; none at all is fine when prediction is open."""
+        from medattn.serving.auth import TOKENS_ENV, AuthConfigError, Authenticator
+
+        env = os.environ if environ is None else environ
+        if self.tokens_file is None and TOKENS_ENV not in env:
+            if self.open_predict:
+                return Authenticator([], open_predict=True, source="no tokens configured")
+            raise AuthConfigError(f"no tokens configured: set MEDATTN_TOKENS_FILE or {TOKENS_ENV} "
+                                  "(or MEDATTN_OPEN_PREDICT=true to serve predictions without a token)")
+        auth = Authenticator.load(self.tokens_file, env)
+        if self.open_predict and not auth.open_predict:
+            auth = Authenticator(auth.entries, open_predict=True, source=auth.source)
+        return auth
+
+
+def bentoml_serve_command(host: str = "127.0.0.1", port: int = 3000) -> list[str]:
+    """The command that serves medattn; run it with the repo root as working directory."""
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT, "--host", host, "--port", str(port)]
+
+
+def run_bentoml_serve(host: str = "127.0.0.1", port: int = 3000, repo_root: Optional[Path] = None) -> int:
+    """Check the settings (one-line errors), then serve in the foreground; returns the exit code."""
+    from medattn.registry import find_repo_root
+
+    root = Path(repo_root) if repo_root is not None else find_repo_root()
+    settings = ServingSettings.from_env(repo_root=root)
+    settings.authenticator()
+    return subprocess.call(bentoml_serve_command(host, port), cwd=root)
+
+
+def _read_config_file(path: Optional[str]) -> Mapping[str, Any]:
+    if not path:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ParamError(f"{CONFIG_FILE_ENV}={path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ParamError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, Mapping):
+        raise ParamError(f"{path}: expected a mapping of setting names to values")
+    known = {f.name for f in dataclasses.fields(ServingSettings)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ParamError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return raw
+
+
+def _params_value(root: Path, key: str) -> Optional[str]:
+    """``mlflow.<key>`` of the repo's params.yaml, if there is a readable one."""
+    path = root / "params.yaml"
+    if not path.is_file():
+        return None
+    from medattn.config import load_params
+
+    return getattr(load_params(path).mlflow, key)
+
+
+def _path(value: Any, root: Path) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ParamError(f"{where} must be true or false, got {value!r}")
+
+
+def _number(value: Any, kind: type, where: str, minimum: float) -> Any:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value) if kind is float else int(str(value).replace("_", ""))
+    except (TypeError, ValueError):
+        raise ParamError(f"{where} must be {'a number' if kind is float else 'an integer'}, got {value!r}") from None
+    if number < minimum:
+        raise ParamError(f"{where} must be >= {minimum:g}, got {value!r}")
+    return number

@@ -1,0 +1,1 @@
+"""The medattn HTTP service (BentoML); the entry point is ``serving.service:MedattnService``."""

@@ -1,0 +1,228 @@
+"""What the HTTP routes do, without HTTP: authorise, predict, store feedback, switch models.
+
+The routes in :mod:`serving.http_api` only parse requests and format answers; everything with a
+rule in it is here. The model itself lives in the model-runner service (adaptive batching), which
+this code reaches through a :class:`ModelClient` - in production a BentoML dependency proxy.
+
+Errors are raised as :class:`~medattn.errors.MedattnError` subclasses that carry their HTTP status
+(``ImageRejected``, ``AuthError``, the feedback errors, :class:`HttpProblem`), so the error
+handler maps each one to a 4xx/503 JSON body without a lookup table of messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from medattn.errors import MedattnError, RegistryError
+from medattn.feedback.blobs import BlobStore
+from medattn.feedback.schema import FeedbackSubmission, InvalidFeedback
+from medattn.feedback.store import FeedbackRecord, FeedbackStore
+from medattn.serving import metrics
+from medattn.serving.auth import AuthError, Principal, Role
+from medattn.serving.imaging import DecodedImage, ImageRejected, decode_image
+from medattn.serving.inference import RawPrediction, build_payload
+from medattn.serving.settings import ServingSettings
+
+log = logging.getLogger("medattn.serving")
+
+
+class HttpProblem(MedattnError):
+    """A failure that carries its own HTTP status (no model loaded, a refused reload, bad framing)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ModelClient(Protocol):
+    """The model-runner service as the API service sees it (async calls).
+
+    Transport failures surface as :class:`HttpProblem` (503); ``infer`` returns one dict per
+    image, ``{"error": ...}`` when the runner has no model.
+    """
+
+    async def infer(self, images: list[np.ndarray]) -> list[dict[str, Any]]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: its bytes, declared content type and where it came from (for messages)."""
+
+    data: bytes
+    content_type: str
+    field: str = "image"
+
+
+def http_status_of(exc: BaseException) -> Optional[int]:
+    """The HTTP status an expected error maps to; None for a bug (answered 500)."""
+    if isinstance(exc, AuthError):
+        return exc.status
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return status
+    if isinstance(exc, RegistryError):
+        return 409  # no challenger, no previous champion, unknown alias: the registry's state refuses
+    if isinstance(exc, MedattnError):
+        return 400
+    return None
+
+
+class ServingBackend:
+    """State shared by the routes of one API worker: auth, feedback store, blobs, the runner."""
+
+    def __init__(self, settings: ServingSettings, runner: ModelClient) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.auth = settings.authenticator()
+        self.store = FeedbackStore(settings.feedback_db)
+        self.blobs = BlobStore(settings.blob_dir)
+        self.metrics = metrics.get_metrics()
+        self._registered_versions: set[str] = set()
+        self.metrics.set_feedback_waiting(self.store.count_pending())
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    def authorize(self, authorization: Optional[str], role: Role) -> Principal:
+        return self.auth.check(authorization, role)
+
+    # -- predictions ---------------------------------------------------------------------------
+
+    async def predict(self, uploads: Sequence[Upload], raw_attention: bool = False) -> list[dict[str, Any]]:
+        """Decode, run one batch through the runner, remember each prediction, build the bodies."""
+        decoded = [await run_in_threadpool(self._decode, upload, i, len(uploads)) for i, upload in enumerate(uploads)]
+        outputs = await self._infer([np.asarray(image.image) for image in decoded])
+        payloads = []
+        for upload, image, output in zip(uploads, decoded, outputs):
+            raw = RawPrediction.from_wire(output)
+            request_id = uuid.uuid4().hex
+            payloads.append(await run_in_threadpool(self._answer, request_id, upload, image, raw, raw_attention))
+            self.metrics.record_prediction(label=raw.label, model_version=raw.model.version,
+                                           confidence=raw.confidence, attention=raw.attention)
+            self.metrics.set_serving_model(raw.model.name, raw.model.version)
+        return payloads
+
+    def _decode(self, upload: Upload, index: int, count: int) -> DecodedImage:
+        try:
+            return decode_image(upload.data, upload.content_type, self.settings.image_limits)
+        except ImageRejected as exc:
+            if count == 1:
+                raise
+            raise ImageRejected(exc.status_code, f"{upload.field}[{index}]: {exc}") from None
+
+    async def _infer(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        outputs = await self.runner.infer(images)
+        failed = next((o["error"] for o in outputs if "error" in o), None)
+        if failed is not None:
+            raise HttpProblem(503, f"no model loaded: {failed}")
+        return outputs
+
+    def _answer(self, request_id: str, upload: Upload, image: DecodedImage, raw: RawPrediction,
+                raw_attention: bool) -> dict[str, Any]:
+        """Remember the prediction, then build its body (one trip to the thread pool for both)."""
+        self._remember(request_id, upload.data, image, raw)
+        return build_payload(raw, image.width, image.height, request_id, raw_attention)
+
+    def _remember(self, request_id: str, data: bytes, image: DecodedImage, raw: RawPrediction) -> None:
+        """Keep the image (content-addressed) and the prediction, so feedback can cite request_id."""
+        sha256 = self.blobs.put(data)
+        self.store.record_prediction(
+            request_id=request_id, image_sha256=sha256, width=image.width, height=image.height,
+            model_name=raw.model.name, model_version=raw.model.version, label=raw.label,
+            probabilities={n: float(p) for n, p in zip(raw.class_names, raw.probabilities)})
+
+    # -- feedback ------------------------------------------------------------------------------
+
+    def submit_feedback(self, principal: Principal, submission: FeedbackSubmission,
+                        image: Optional[Upload], idempotency_key: Optional[str]) -> tuple[FeedbackRecord, bool]:
+        """Store one submission durably; returns (record, created). Blocking: call in a thread."""
+        if principal.role != "admin" and submission.expert_id != principal.name:
+            raise AuthError(403, f"expert_id {submission.expert_id!r} is not the token's owner "
+                                 f"{principal.name!r} (only admin tokens may submit for others)")
+        if submission.model_name != self.settings.model_name:
+            raise InvalidFeedback(f"model_name {submission.model_name!r} is not served here "
+                                  f"(this service serves {self.settings.model_name!r})")
+        sha256 = width = height = None
+        if image is not None:
+            decoded = decode_image(image.data, image.content_type, self.settings.image_limits)
+            # The image is committed before the record that cites it: a crash in between leaves
+            # an orphan blob (harmless, content-addressed), never a record without its image.
+            sha256, width, height = self.blobs.put(image.data), decoded.width, decoded.height
+        elif submission.request_id is None:
+            raise InvalidFeedback("feedback needs either a request_id or the image itself")
+        if submission.request_id is None:
+            self.check_model_version(submission.model_version)
+        record, created = self.store.add_feedback(submission, sha256, width, height, idempotency_key)
+        if created:
+            kinds = [roi.kind for roi in submission.rois]
+            self.metrics.record_feedback(relevant_rois=kinds.count("relevant"),
+                                         irrelevant_rois=kinds.count("irrelevant"),
+                                         label_corrected=submission.corrected_label is not None)
+        self.metrics.set_feedback_waiting(self.store.count_pending())
+        return record, created
+
+    def list_feedback(self, since: Optional[datetime], model_version: Optional[str],
+                      limit: int, offset: int) -> list[FeedbackRecord]:
+        if model_version is not None:
+            self.check_model_version(model_version)
+        return self.store.list_feedback(since=since, model_version=model_version, limit=limit, offset=offset)
+
+    def check_model_version(self, version: str) -> None:
+        """422 unless ``version`` is a registered version of the served model (cached once seen)."""
+        from medattn.registry import get_model_version_info
+
+        if version in self._registered_versions:
+            return
+        if not version.isdigit():
+            raise InvalidFeedback(f"model_version {version!r} is not a version number")
+        try:
+            get_model_version_info(self.settings.model_name, version, tracking_uri=self.settings.tracking_uri)
+        except RegistryError as exc:
+            raise InvalidFeedback(f"unknown model version {version!r} of {self.settings.model_name!r}: {exc}") from None
+        self._registered_versions.add(version)
+
+    # -- model lifecycle (admin) ---------------------------------------------------------------
+
+    async def model_status(self) -> dict[str, Any]:
+        status = await self.runner.status()
+        model = status.get("model")
+        if model:
+            self.metrics.set_serving_model(model["name"], model["version"])
+        else:
+            self.metrics.clear_serving_model()
+        return status
+
+    async def reload(self) -> dict[str, Any]:
+        """Make the runner load the current champion now (no-op when it already serves it)."""
+        result = await self.runner.reload()
+        if "error" in result:
+            raise HttpProblem(409, f"reload failed, still serving the previous model: {result['error']}")
+        await self.model_status()
+        return result
+
+    async def promote(self) -> dict[str, Any]:
+        from medattn.registry import promote_challenger
+
+        info = await run_in_threadpool(promote_challenger, self.settings.model_name,
+                                       tracking_uri=self.settings.tracking_uri)
+        return {"champion": info.to_dict(), "reload": await self.reload()}
+
+    async def rollback(self) -> dict[str, Any]:
+        from medattn.registry import rollback_champion
+
+        info = await run_in_threadpool(rollback_champion, self.settings.model_name,
+                                       tracking_uri=self.settings.tracking_uri)
+        return {"champion": info.to_dict(), "reload": await self.reload()}

@@ -1,0 +1,65 @@
+"""Service settings: defaults without setup, variables over the file, clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medattn.errors import ParamError
+from medattn.serving.settings import ServingSettings
+
+
+@pytest.fixture(autouse=True)
+def no_uri_env(monkeypatch):
+    # resolve_tracking_uri reads these from the real environment first.
+    for name in ("MEDATTN_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "params.yaml").write_text("mlflow:\n  model_name: from-params\n")
+    return tmp_path
+
+
+def test_defaults_live_under_the_repo_state_dir(repo):
+    settings = ServingSettings.from_env({}, repo_root=repo)
+    assert settings.model_name == "from-params"
+    assert settings.tracking_uri == f"sqlite:///{repo}/mlflow.db"
+    assert settings.state_dir == repo / ".medattn"
+    assert settings.feedback_db == f"sqlite:///{repo}/.medattn/feedback.db"
+    assert settings.blob_dir == repo / ".medattn" / "blobs"
+    assert settings.poll_seconds == 30.0 and settings.open_predict is False
+
+
+def test_variables_override_the_settings_file(repo):
+    config = repo / "serving.yaml"
+    config.write_text("poll_seconds: 5\nmodel_name: from-file\nmax_upload_bytes: 1000\n")
+    settings = ServingSettings.from_env({
+        "MEDATTN_SERVING_CONFIG": str(config), "MEDATTN_POLL_SECONDS": "0", "MEDATTN_OPEN_PREDICT": "yes",
+        "MEDATTN_TRACKING_URI": "sqlite:///rel.db", "MEDATTN_STATE_DIR": "state",
+    }, repo_root=repo)
+    assert settings.model_name == "from-file" and settings.max_upload_bytes == 1000
+    assert settings.poll_seconds == 0.0 and settings.open_predict is True
+    assert settings.state_dir == repo / "state" and settings.blob_dir == repo / "state" / "blobs"
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("MEDATTN_POLL_SECONDS", "soon", "a number"),
+    ("MEDATTN_MAX_UPLOAD_BYTES", "0", ">= 1"),
+    ("MEDATTN_OPEN_PREDICT", "maybe", "true or false"),
+    ("MEDATTN_DEVICE", "tpu", "cpu, cuda"),
+])
+def test_a_bad_variable_is_named_in_the_error(repo, variable, value, words):
+    with pytest.raises(ParamError, match=variable) as info:
+        ServingSettings.from_env({variable: value}, repo_root=repo)
+    assert words in str(info.value)
+
+
+def test_unknown_key_in_the_settings_file_is_refused(repo):
+    config = repo / "serving.yaml"
+    config.write_text("pol_seconds: 5\n")
+    with pytest.raises(ParamError, match="pol_seconds"):
+        ServingSettings.from_env({"MEDATTN_SERVING_CONFIG": str(config)}, repo_root=repo)
