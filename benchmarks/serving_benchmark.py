@@ -23,9 +23,7 @@ import io
 import json
 import os
 import secrets
-import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -171,9 +169,8 @@ class Server:
 
     def __init__(self, workdir: Path, tracking_uri: str, model_name: str, port: int,
                  extra_env: dict[str, str] | None = None) -> None:
-        from medattn.serving.settings import bentoml_serve_command
+        from medattn.serving.process import ServerProcess
 
-        self.port = port or _free_port()
         self.token = secrets.token_urlsafe(24)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDATTN_", "BENTOML_"))}
         env.update({"MEDATTN_TRACKING_URI": tracking_uri, "MEDATTN_MODEL_NAME": model_name,
@@ -183,41 +180,15 @@ class Server:
                     "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"})
         env.update(extra_env or {})
         self.log_path = workdir / "server.log"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(bentoml_serve_command("127.0.0.1", self.port), cwd=REPO_ROOT, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = ServerProcess(env, self.log_path, REPO_ROOT, **({"port": port} if port else {}))
+        self.process.start()
+        self.url = self.process.url
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"bentoml serve exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"server not ready after {timeout_s:.0f} s:\n{self.log_path.read_text()[-3000:]}")
+    def wait_ready(self) -> None:
+        self.process.wait_ready()
 
     def stop(self) -> None:
-        import psutil
-
-        try:
-            procs = [psutil.Process(self.process.pid)]
-            procs += procs[0].children(recursive=True)  # circus workers run in sessions of their own
-        except psutil.NoSuchProcess:
-            return
-        procs[0].terminate()
-        _, alive = psutil.wait_procs(procs, timeout=30)
-        for proc in alive:
-            proc.kill()
+        self.process.stop()
 
     def mean_batch_size(self) -> float | None:
         """Mean size of the batches the runner's dispatcher formed, from BentoML's own histogram."""
@@ -245,12 +216,6 @@ class Server:
                 raise RuntimeError(f"/predict answered {response.status_code}: {response.text[:300]}")
 
         return call
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sha256(token: str) -> str:

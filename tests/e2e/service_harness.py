@@ -2,9 +2,9 @@
 
 :func:`start_served` writes a token file (one token per role: predict, expert, admin), starts
 ``bentoml serve serving.service:MedattnService`` from the repo root on a free loopback port with
-its own state dir and BentoML home, and waits for ``/readyz``. :class:`ServerProcess` kills the
-arbiter *and* its workers (circus gives each worker a session of its own), so a SIGKILL really
-stops everything at once; the durability test relies on that.
+its own state dir and BentoML home (:class:`medattn.serving.process.ServerProcess`, which kills
+the arbiter *and* its workers, so a SIGKILL really stops everything at once; the durability
+test relies on that), and waits for ``/readyz``.
 """
 
 from __future__ import annotations
@@ -12,27 +12,20 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-import httpx
-import psutil
 import torch
 
 from medattn.models.bundle import save_bundle
 from medattn.models.factory import ModelSpec, create_model
 from medattn.serving.auth import hash_token
+from medattn.serving.process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "e2e-tiny"
 CLASS_NAMES = ("healthy", "mild", "severe")
 IMAGE_SIZE = 32
-READY_TIMEOUT_S = 180.0
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_IMAGE_PIXELS = 2_000_000
 
@@ -56,98 +49,6 @@ def register_version(tracking_uri: str, bundle_dir: Path, metric: float) -> str:
     version = log_bundle_model(run_id, bundle_dir, MODEL_NAME, tracking_uri=tracking_uri, metric=metric)
     end_run(run_id, tracking_uri)
     return version
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    """One ``bentoml serve`` (arbiter + service processes) in its own process group."""
-
-    env: dict[str, str]
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    process: Optional[subprocess.Popen] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "ServerProcess":
-        command = [sys.executable, "-m", "bentoml", "serve", "serving.service:MedattnService",
-                   "--host", "127.0.0.1", "--port", str(self.port)]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, probe: str = "/readyz") -> None:
-        """Until ``probe`` answers 200 (``/livez``: the process is up, model or not)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}{probe}", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def processes(self) -> list[psutil.Process]:
-        """The arbiter and every worker (circus puts workers in sessions of their own)."""
-        if self.process is None:
-            return []
-        try:
-            arbiter = psutil.Process(self.process.pid)
-            return [arbiter, *arbiter.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill(self) -> None:
-        """SIGKILL the arbiter and all its workers at once: no shutdown code runs anywhere."""
-        victims = self.processes()
-        for proc in victims:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(victims, timeout=30)
-        if self.process is not None:
-            self.process.wait(timeout=30)
-        self._wait_port_closed()
-
-    def stop(self) -> None:
-        """SIGTERM (graceful), then SIGKILL whatever is left after 30 s."""
-        victims = self.processes()
-        if not victims:
-            return
-        victims[0].terminate()
-        _, alive = psutil.wait_procs(victims, timeout=30)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=30)
-        if self.process is not None:
-            self.process.wait(timeout=30)
-
-    def _wait_port_closed(self, timeout_s: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.2)
-
-    def log_tail(self, n_chars: int = 6000) -> str:
-        return self.log_path.read_text(errors="replace")[-n_chars:] if self.log_path.exists() else ""
 
 
 @dataclass
@@ -196,7 +97,7 @@ def service_env(workdir: Path, tracking_uri: str, tokens: dict[str, str], **over
 def start_served(registry: tuple[str, Path], probe: str = "/readyz", **overrides: str) -> Served:
     tracking_uri, workdir = registry
     tokens = {role: secrets.token_urlsafe(24) for role in ("predict", "expert", "admin")}
-    server = ServerProcess(service_env(workdir, tracking_uri, tokens, **overrides), workdir / "server.log")
+    server = ServerProcess(service_env(workdir, tracking_uri, tokens, **overrides), workdir / "server.log", REPO_ROOT)
     server.start()
     try:
         server.wait_ready(probe=probe)

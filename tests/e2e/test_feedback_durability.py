@@ -106,7 +106,8 @@ def test_every_acknowledged_feedback_survives_a_sigkill_exactly_once(registry):
         assert tally.unanswered, "no request was cut off by the kill"
 
         # Same database, image store and tokens; a new port (the old one may linger in TIME_WAIT).
-        restarted = ServerProcess(served.server.env, served.workdir / "server-restarted.log").start()
+        restarted = ServerProcess(served.server.env, served.workdir / "server-restarted.log",
+                                  served.server.repo_root).start()
         restarted.wait_ready()
         retried = sorted(tally.unanswered)
         with httpx.Client(timeout=30) as http:
