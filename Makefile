@@ -49,7 +49,9 @@ demo: setup
 	@echo "Runs and the registered model: make mlflow-ui  (then open http://127.0.0.1:5000)"
 
 test: setup system-deps
-	$(BIN)/python -m pytest
+	@# pytest exits 5 when it collected no test: the suite went missing, which must not pass quietly
+	$(BIN)/python -m pytest; status=$$?; \
+	  if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; exit $$status
 
 mlflow-ui: setup
 	$(BIN)/medattn mlflow-ui
