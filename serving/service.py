@@ -41,6 +41,8 @@ from serving.http_api import app
 log = logging.getLogger("medattn.serving")
 
 BATCH_MAX_SIZE = int(os.environ.get("MEDATTN_BATCH_MAX_SIZE", "16"))
+# HTTP worker processes (decode, encode, feedback I/O); the model runner stays one process
+API_WORKERS = int(os.environ.get("MEDATTN_API_WORKERS", "1"))
 BATCH_MAX_LATENCY_MS = int(os.environ.get("MEDATTN_BATCH_MAX_LATENCY_MS", "1000"))
 RUNNER_CALL_TIMEOUT_S = 120
 
@@ -187,7 +189,7 @@ class RunnerClient:
         raise AssertionError("unreachable")
 
 
-@bentoml.service(name="medattn", workers=1, traffic={"timeout": 300})
+@bentoml.service(name="medattn", workers=API_WORKERS, traffic={"timeout": 300})
 @bentoml.asgi_app(app)
 class MedattnService:
     """HTTP entry point: predictions with attention maps, expert feedback, model switching."""

@@ -30,9 +30,10 @@ the API worker, which decodes uploads and encodes attention PNGs: best for a lig
 demo ``small_cnn`` serves 1.6x faster than with all cores on 2 cores). When the model dominates
 (ResNet-50 at 224 px), set it to the number of cores.
 
-Two more are read by ``serving/service.py`` when it is imported, because BentoML fixes batching
-when the service class is defined: ``MEDATTN_BATCH_MAX_SIZE`` (16) and
-``MEDATTN_BATCH_MAX_LATENCY_MS`` (1000; see ``serving/service.py``).
+Three more are read by ``serving/service.py`` when it is imported, because BentoML fixes them
+when the service class is defined: ``MEDATTN_BATCH_MAX_SIZE`` (16),
+``MEDATTN_BATCH_MAX_LATENCY_MS`` (1000; see ``serving/service.py``) and ``MEDATTN_API_WORKERS``
+(1 HTTP worker process; the model runner is always one process).
 """
 
 from __future__ import annotations
