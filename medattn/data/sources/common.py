@@ -38,6 +38,12 @@ class SourceEntry:
     extras: Mapping[str, Any] = field(default_factory=dict)
 
 
+def source_entry(id: str, path: Path, label: int, split: str, base: Path) -> SourceEntry:
+    """An entry whose manifest column ``source_file`` is ``path`` relative to ``base``."""
+    return SourceEntry(id=id, path=path, label=label, split=split,
+                       extras={"source_file": path.relative_to(base).as_posix()})
+
+
 @dataclass(frozen=True)
 class SourceDataset:
     """An indexed dataset: class names, entries in a fixed order, and how to prepare a pixel."""
@@ -158,4 +164,14 @@ def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: 
                 splits[members[position]] = "test"
             elif rank < n_test + n_val:
                 splits[members[position]] = "val"
+    return splits
+
+
+def carve_splits(given: Sequence[str], labels: Sequence[int], val_fraction: float, test_fraction: float,
+                 seed: int) -> list[str]:
+    """Keep the given ``val``/``test`` splits; split the rest (``train`` or unsplit ``""``), stratified."""
+    pool = [i for i, split in enumerate(given) if split in ("", "train")]
+    splits = list(given)
+    for index, split in zip(pool, stratified_split([labels[i] for i in pool], val_fraction, test_fraction, seed)):
+        splits[index] = split
     return splits

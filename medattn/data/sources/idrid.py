@@ -46,12 +46,12 @@ from medattn.config import DataParams
 from medattn.data.preprocess import area_resize, crop_columns, flip_horizontal, optic_disc_side, to_rgb
 from medattn.data.sources.common import (
     SourceDataset,
-    SourceEntry,
     Transform,
+    carve_splits,
     list_images,
     require_dir,
     safe_id,
-    stratified_split,
+    source_entry,
     subfolders,
 )
 from medattn.errors import DataError, ParamError
@@ -103,19 +103,10 @@ def load_idrid(root: Path, data: DataParams) -> SourceDataset:
         csv_path = _child(labels_dir, keyword, f"'{keyword.title()} Labels.csv'", want_file=True)
         grades = read_grades(csv_path, data.idrid_task, len(class_names))
         found.extend((official, path, label) for path, label in _match_images(set_dir, csv_path, grades))
-    train_positions = [i for i, (official, _, _) in enumerate(found) if official == "train"]
-    carved = stratified_split([found[i][2] for i in train_positions], data.val_fraction, 0.0, data.split_seed)
-    splits = [official for official, _, _ in found]
-    for position, split in zip(train_positions, carved):
-        splits[position] = split
+    splits = carve_splits([official for official, _, _ in found], [label for _, _, label in found],
+                          data.val_fraction, 0.0, data.split_seed)
     entries = [
-        SourceEntry(
-            id=f"{official}-{safe_id(path.stem)}",
-            path=path,
-            label=label,
-            split=split,
-            extras={"source_file": path.relative_to(base).as_posix()},
-        )
+        source_entry(f"{official}-{safe_id(path.stem)}", path, label, split, base)
         for (official, path, label), split in zip(found, splits)
     ]
     return SourceDataset("idrid", root, class_names, entries, _fundus_transform(data.image_size))

@@ -22,12 +22,12 @@ from medattn.config import DataParams
 from medattn.data.sources.common import (
     IMAGE_EXTENSIONS,
     SourceDataset,
-    SourceEntry,
+    carve_splits,
     list_images,
     require_dir,
     resize_transform,
     safe_id,
-    stratified_split,
+    source_entry,
     subfolders,
     unique_ids,
 )
@@ -47,12 +47,14 @@ def load_imagefolder(root: Path, data: DataParams) -> SourceDataset:
     if len(class_names) < 2:
         raise DataError(f"{root}: needs at least 2 class folders with images, found {class_names or 'none'}")
     labels = [class_names.index(class_name) for _, class_name, _ in found]
-    splits = _fill_missing_splits(found, labels, data)
-    relative = [path.relative_to(root) for path, _, _ in found]
-    ids = unique_ids([safe_id(rel.with_suffix("").as_posix()) for rel in relative])
+    # keep the given splits; carve a missing val/test share out of the unsplit or train/ items
+    given = [split for _, _, split in found]
+    splits = carve_splits(given, labels, 0.0 if "val" in given else data.val_fraction,
+                          0.0 if "test" in given else data.test_fraction, data.split_seed)
+    ids = unique_ids([safe_id(path.relative_to(root).with_suffix("").as_posix()) for path, _, _ in found])
     entries = [
-        SourceEntry(id=i, path=path, label=label, split=split, extras={"source_file": rel.as_posix()})
-        for i, (path, _, _), label, split, rel in zip(ids, found, labels, splits, relative)
+        source_entry(i, path, label, split, root)
+        for i, (path, _, _), label, split in zip(ids, found, labels, splits)
     ]
     return SourceDataset("imagefolder", root, class_names, entries, resize_transform(data.image_size))
 
@@ -78,15 +80,3 @@ def _index_split_layout(root: Path) -> list[tuple[Path, str, str]]:
                 found.extend((path, class_name, split) for path in paths)
     return found
 
-
-def _fill_missing_splits(found: list[tuple[Path, str, str]], labels: list[int], data: DataParams) -> list[str]:
-    """Keep given splits; carve the missing val/test share out of the (unsplit or train) items."""
-    given = {split for _, _, split in found if split}
-    val_fraction = 0.0 if "val" in given else data.val_fraction
-    test_fraction = 0.0 if "test" in given else data.test_fraction
-    pool = [i for i, (_, _, split) in enumerate(found) if split in ("", "train")]
-    carved = stratified_split([labels[i] for i in pool], val_fraction, test_fraction, data.split_seed)
-    splits = [split for _, _, split in found]
-    for index, split in zip(pool, carved):
-        splits[index] = split
-    return splits

@@ -33,10 +33,10 @@ from medattn.config import DataParams
 from medattn.data.sources.common import (
     IMAGE_EXTENSIONS,
     SourceDataset,
-    SourceEntry,
     require_dir,
     resize_transform,
     safe_id,
+    source_entry,
     stratified_split,
 )
 from medattn.errors import DataError
@@ -89,14 +89,7 @@ def load_jaffe(root: Path, data: DataParams) -> SourceDataset:
     found.sort(key=lambda item: item[0].name)
     splits = stratified_split([label for _, label in found], data.val_fraction, data.test_fraction, data.split_seed)
     entries = [
-        SourceEntry(
-            id=safe_id(path.stem),
-            path=path,
-            label=label,
-            split=split,
-            extras={"source_file": path.relative_to(root).as_posix()},
-        )
-        for (path, label), split in zip(found, splits)
+        source_entry(safe_id(path.stem), path, label, split, root) for (path, label), split in zip(found, splits)
     ]
     return SourceDataset("jaffe", root, class_names, entries, resize_transform(data.image_size))
 

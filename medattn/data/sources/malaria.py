@@ -19,11 +19,11 @@ from pathlib import Path
 from medattn.config import DataParams
 from medattn.data.sources.common import (
     SourceDataset,
-    SourceEntry,
     list_images,
     require_dir,
     resize_transform,
     safe_id,
+    source_entry,
     stratified_split,
 )
 from medattn.errors import DataError
@@ -57,13 +57,7 @@ def load_malaria(root: Path, data: DataParams) -> SourceDataset:
         found.extend((path, label) for path in pngs)
     splits = stratified_split([label for _, label in found], data.val_fraction, data.test_fraction, data.split_seed)
     entries = [
-        SourceEntry(
-            id=f"{class_names[label]}-{safe_id(path.stem)}",
-            path=path,
-            label=label,
-            split=split,
-            extras={"source_file": path.relative_to(folder).as_posix()},
-        )
+        source_entry(f"{class_names[label]}-{safe_id(path.stem)}", path, label, split, folder)
         for (path, label), split in zip(found, splits)
     ]
     return SourceDataset("malaria", root, class_names, entries, resize_transform(data.image_size))
