@@ -66,8 +66,6 @@ class Upload:
 
 def http_status_of(exc: BaseException) -> Optional[int]:
     """The HTTP status an expected error maps to; None for a bug (answered 500)."""
-    if isinstance(exc, AuthError):
-        return exc.status
     status = getattr(exc, "status_code", None)
     if isinstance(status, int):
         return status

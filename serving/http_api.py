@@ -288,25 +288,26 @@ async def get_feedback(feedback_id: str = Path(..., max_length=64),
 # -- model lifecycle (admin) ---------------------------------------------------------------------
 
 
+async def _admin_action(authorization: Optional[str], action: str) -> JSONResponse:
+    """Authorise an admin, then run the backend's ``reload``, ``promote`` or ``rollback``."""
+    svc = backend()
+    svc.authorize(authorization, "admin")
+    return JSONResponse(await getattr(svc, action)())
+
+
 @app.post("/reload", tags=["admin"], summary="Serve the current champion now (no restart)",
           responses=docs.responses(200, docs.ADMIN_RESULT, 401, 403, 409, 503))
 async def reload_model(authorization: Optional[str] = AuthHeader) -> JSONResponse:
-    svc = backend()
-    svc.authorize(authorization, "admin")
-    return JSONResponse(await svc.reload())
+    return await _admin_action(authorization, "reload")
 
 
 @app.post("/promote", tags=["admin"], summary="Make the challenger champion and serve it",
           responses=docs.responses(200, docs.ADMIN_RESULT, 401, 403, 409, 503))
 async def promote(authorization: Optional[str] = AuthHeader) -> JSONResponse:
-    svc = backend()
-    svc.authorize(authorization, "admin")
-    return JSONResponse(await svc.promote())
+    return await _admin_action(authorization, "promote")
 
 
 @app.post("/rollback", tags=["admin"], summary="Return champion to the previous version and serve it",
           responses=docs.responses(200, docs.ADMIN_RESULT, 401, 403, 409, 503))
 async def rollback(authorization: Optional[str] = AuthHeader) -> JSONResponse:
-    svc = backend()
-    svc.authorize(authorization, "admin")
-    return JSONResponse(await svc.rollback())
+    return await _admin_action(authorization, "rollback")

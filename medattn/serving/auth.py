@@ -39,11 +39,11 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class AuthError(MedattnError):
-    """401 (no or bad credentials) or 403 (valid token, role too low); ``status`` says which."""
+    """401 (no or bad credentials) or 403 (valid token, role too low); ``status_code`` says which."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status_code: int, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.status_code = status_code
         self.message = message
 
 

@@ -74,7 +74,11 @@ def _as_distribution(arr: np.ndarray) -> np.ndarray:
 
 def attention_entropy(att: np.ndarray) -> float:
     """Shannon entropy of the map normalised to sum 1, divided by log(H*W): in [0, 1]."""
-    p = _as_distribution(_as_map(att)).ravel()
+    return _entropy_of(_as_distribution(_as_map(att)))
+
+
+def _entropy_of(distribution: np.ndarray) -> float:
+    p = distribution.ravel()
     n_pixels = p.size
     p = p[p > 0]
     entropy = float(-(p * np.log(p)).sum())
@@ -92,8 +96,11 @@ def central_field_mask(height: int, width: int) -> np.ndarray:
 
 def central_mass(att: np.ndarray) -> float:
     """Share of the attention mass inside the central field (see the module docstring)."""
-    p = _as_distribution(_as_map(att))
-    return float(p[central_field_mask(*p.shape)].sum())
+    return _central_mass_of(_as_distribution(_as_map(att)))
+
+
+def _central_mass_of(distribution: np.ndarray) -> float:
+    return float(distribution[central_field_mask(*distribution.shape)].sum())
 
 
 class ServingMetrics:
@@ -149,7 +156,8 @@ class ServingMetrics:
         """Count one prediction and observe its confidence and attention statistics."""
         if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0):
             raise ValueError(f"confidence must be a probability in [0, 1], got {confidence!r}")
-        entropy, mass = attention_entropy(attention), central_mass(attention)
+        p = _as_distribution(_as_map(attention))  # validated and normalised once for both statistics
+        entropy, mass = _entropy_of(p), _central_mass_of(p)
         self.predictions.labels(label=label, model_version=model_version).inc()
         self.confidence.labels(model_version=model_version).observe(confidence)
         self.attention_entropy.labels(model_version=model_version).observe(entropy)

@@ -76,15 +76,7 @@ class ServerProcess:
 
     def kill(self) -> None:
         """SIGKILL the arbiter and all its workers at once: no shutdown code runs anywhere."""
-        victims = self.processes()
-        for proc in victims:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(victims, timeout=30)
-        if self.process is not None:
-            self.process.wait(timeout=30)
+        self._kill_and_reap(self.processes())
         self._wait_port_closed()
 
     def stop(self) -> None:
@@ -94,12 +86,16 @@ class ServerProcess:
             return
         victims[0].terminate()
         _, alive = psutil.wait_procs(victims, timeout=30)
-        for proc in alive:
+        self._kill_and_reap(alive)
+
+    def _kill_and_reap(self, victims: list[psutil.Process]) -> None:
+        """SIGKILL ``victims``, wait for them, then reap the arbiter (our own child)."""
+        for proc in victims:
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(alive, timeout=30)
+        psutil.wait_procs(victims, timeout=30)
         if self.process is not None:
             self.process.wait(timeout=30)
 

@@ -147,10 +147,8 @@ class ServingSettings:
                 return Authenticator([], open_predict=True, source="no tokens configured")
             raise AuthConfigError(f"no tokens configured: set MEDATTN_TOKENS_FILE or {TOKENS_ENV} "
                                   "(or MEDATTN_OPEN_PREDICT=true to serve predictions without a token)")
-        auth = Authenticator.load(self.tokens_file, env)
-        if self.open_predict and not auth.open_predict:
-            auth = Authenticator(auth.entries, open_predict=True, source=auth.source)
-        return auth
+        # open_predict=True here wins over the token config's value; None leaves that value as is.
+        return Authenticator.load(self.tokens_file, env, open_predict=self.open_predict or None)
 
 
 def bentoml_serve_command(host: str = "127.0.0.1", port: int = 3000) -> list[str]:

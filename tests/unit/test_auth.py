@@ -33,7 +33,7 @@ def test_role_matrix(auth: Authenticator, token_role: str, required: str) -> Non
     else:
         with pytest.raises(AuthError) as caught:
             auth.check(header, required)
-        assert caught.value.status == 403
+        assert caught.value.status_code == 403
         assert caught.value.message == (f"token '{token_role}-user' has role '{token_role}'; "
                                         f"this needs '{required}'")
 
@@ -51,7 +51,7 @@ def test_role_matrix(auth: Authenticator, token_role: str, required: str) -> Non
 def test_bad_credentials_are_401(auth: Authenticator, header: str | None, message: str) -> None:
     with pytest.raises(AuthError) as caught:
         auth.check(header, "predict")
-    assert caught.value.status == 401 and message in str(caught.value)
+    assert caught.value.status_code == 401 and message in str(caught.value)
     assert isinstance(caught.value, MedattnError)
     assert TOKENS["admin"] not in str(caught.value)  # the header value is never echoed
 
@@ -66,11 +66,11 @@ def test_open_predict_lets_anonymous_predict_only() -> None:
     assert auth.check(f"Bearer {TOKENS['expert']}", "predict").name == "expert-user"
     with pytest.raises(AuthError) as caught:
         auth.check(None, "expert")
-    assert caught.value.status == 401
+    assert caught.value.status_code == 401
     with pytest.raises(AuthError):  # a token that is sent must still be valid
         auth.check("Bearer wrong-token-value", "predict")
     closed = Authenticator.from_mapping(CONFIG, "cfg")
-    assert pytest.raises(AuthError, closed.check, None, "predict").value.status == 401
+    assert pytest.raises(AuthError, closed.check, None, "predict").value.status_code == 401
 
 
 def test_config_from_yaml_file_json_file_and_env(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_config_from_yaml_file_json_file_and_env(tmp_path: Path) -> None:
     assert Authenticator.load(json_file, open_predict=True).check(None, "predict") == ANONYMOUS
     predict_only = Authenticator.load(environ={}, open_predict=True)
     assert predict_only.check(None, "predict") == ANONYMOUS
-    assert pytest.raises(AuthError, predict_only.check, f"Bearer {TOKENS['admin']}", "predict").value.status == 401
+    assert pytest.raises(AuthError, predict_only.check, f"Bearer {TOKENS['admin']}", "predict").value.status_code == 401
 
 
 @pytest.mark.parametrize("raw, message", [
