@@ -24,9 +24,8 @@ def main() -> None:
     outputs = TrainOutputs(Path("models/model"), Path("reports/train"), Path("checkpoints/train"),
                            validation_report_dir=Path("reports/validation"))
     result = run_training(params, args.data, outputs)
-    best = result.history[result.best_epoch - 1]
     print(f"trained {result.spec.backbone}+{result.spec.attention}: best epoch {result.best_epoch}, "
-          f"val macro-F1 {best['val_macro_f1']:.3f} -> {outputs.bundle_dir}")
+          f"val macro-F1 {result.best_row['val_macro_f1']:.3f} -> {outputs.bundle_dir}")
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ def run_evaluation(params: Params, bundle_dir: Path, dataset_dir: Path, out_dir:
     metrics = classification_metrics(y_true, y_pred, probs, test.class_names, majority)
 
     masks = test.masks[:, 0].numpy().astype(bool)
-    metrics["attention"] = attention_faithfulness(attention[test.has_mask.numpy()], masks[test.has_mask.numpy()],
-                                                  params.evaluate.topk_percent)
+    has_mask = test.has_mask.numpy()
+    metrics["attention"] = attention_faithfulness(attention[has_mask], masks[has_mask], params.evaluate.topk_percent)
 
     names = test.class_names
     write_metrics_json(metrics, out_dir / "metrics.json")
@@ -73,7 +73,7 @@ def run_evaluation(params: Params, bundle_dir: Path, dataset_dir: Path, out_dir:
         titles = [f"{test.ids[i]}: true {names[y_true[i]]} / pred {names[y_pred[i]]} ({probs[i].max():.2f})"
                   for i in chosen]
         images = test.images[chosen].permute(0, 2, 3, 1).numpy()
-        with_masks = bool(test.has_mask[chosen].any())
+        with_masks = bool(has_mask[chosen].any())
         paths.append(attention_overlay_figure(images, attention[chosen], masks[chosen] if with_masks else None,
                                               titles, figures / "attention_overlays.png"))
 

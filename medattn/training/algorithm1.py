@@ -48,6 +48,11 @@ class TrainResult:
     best_epoch: int
     resumed_from_epoch: int
 
+    @property
+    def best_row(self) -> dict[str, float]:
+        """The history row of the kept (best validation macro-F1) epoch."""
+        return self.history[self.best_epoch - 1] if self.best_epoch else self.history[-1]
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present and falls back to CPU cleanly."""
@@ -175,11 +180,11 @@ def train_algorithm1(
             "pixel_cnn_frozen": float(bool(getattr(model, "is_frozen", False))),
         }
         state.history.append(row)
-        if row["val_macro_f1"] >= state.best_score:
-            state.best_score, state.best_epoch = row["val_macro_f1"], epoch
-            state.best_model = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         state.epoch = epoch
         state.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if row["val_macro_f1"] >= state.best_score:
+            state.best_score, state.best_epoch = row["val_macro_f1"], epoch
+            state.best_model = copy.deepcopy(state.model)  # on CPU, state.model aliases the live weights
         state.optimizer = optimizer.state_dict()
         if checkpoint_dir:
             save_state(state, checkpoint_dir)

@@ -79,7 +79,7 @@ def run_training(params: Params, dataset_dir: Path, outputs: TrainOutputs, progr
         # later stages would follow to a FAILED run
         write_run_ref(outputs.report_dir / "mlflow_run.json", run_id, uri)
 
-        best = result.history[result.best_epoch - 1] if result.best_epoch else result.history[-1]
+        best = result.best_row
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_macro_f1": best["val_macro_f1"],
