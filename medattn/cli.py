@@ -55,9 +55,11 @@ def mlflow_ui(
     from medattn.registry import mlflow_ui_command
 
     uri, _ = _tracking(params, None)
-    command = mlflow_ui_command(uri).split() + ["--host", host, "--port", str(port)]
-    typer.echo(f"MLflow UI on http://{host}:{port}  ({' '.join(command)})")
-    os.execvp(command[0], command)
+    shown = mlflow_ui_command(uri).split() + ["--host", host, "--port", str(port)]
+    typer.echo(f"MLflow UI on http://{host}:{port}  ({' '.join(shown)})")
+    # this interpreter's mlflow: the console script need not be on PATH (venv not activated)
+    command = [sys.executable, "-m", "mlflow", *shown[1:]]
+    os.execv(command[0], command)
 
 
 @app.command("serve")
