@@ -8,9 +8,11 @@ where the model should look; those images get NaN and are left out of every mean
 * **mass inside** = sum(A * mask) / sum(A): the share of the attention mass that falls on lesion
   pixels. A uniform map scores exactly the mask's area fraction, which is the chance level the
   model has to beat; an all-zero map expresses no preference and is scored as uniform.
-* **top-k% IoU** = |T ∩ mask| / |T ∪ mask|, where T is the ceil(k% of H*W) pixels with the
-  highest attention. Ties are broken deterministically by row-major pixel index (the earlier
-  pixel wins), so a flat map selects the first rows, never a random set.
+* **top-k% IoU** = |T ∩ mask| / |T ∪ mask|, where T is the k = ceil(k% of H*W) pixels with the
+  highest attention. Pixels tied at the k-th value share the remaining places evenly: the score
+  is the expectation under a random tie-break (taken as a ratio of expectations, like the chance
+  level). Any fixed tie-break would be arbitrary, and maps often tie: seed 001's sigmoid
+  saturates to exactly 0 or 1 over large regions. A flat map therefore scores the chance IoU.
 
 Attention may be given per image (N, H, W), with a channel axis (N, 1, H, W) as the model
 contract returns it, or once for all images ((H, W), (1, H, W) or (1, 1, H, W)): a global
@@ -50,11 +52,13 @@ def uniform_mass_inside(masks: np.ndarray) -> np.ndarray:
 def topk_iou(attention: np.ndarray, masks: np.ndarray, k_percent: float) -> np.ndarray:
     """Per-image IoU of the top-``k_percent``% attention pixels with the mask; NaN if empty mask."""
     att, lesion = _aligned(attention, masks)
-    top = _topk_pixels(att, k_percent)
-    intersection = (top & lesion).sum(axis=(1, 2))
-    union = (top | lesion).sum(axis=(1, 2))
-    has_mask = lesion.any(axis=(1, 2))
-    return np.where(has_mask, intersection / np.maximum(union, 1), np.nan)
+    k = topk_count(att.shape[1] * att.shape[2], k_percent)
+    above, tied, tied_share = _topk_split(att, k)
+    # expected |T ∩ mask|: every pixel above the k-th value, plus each tied one with its share
+    hits = (above & lesion).sum(axis=(1, 2)) + tied_share * (tied & lesion).sum(axis=(1, 2))
+    area = lesion.sum(axis=(1, 2), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(area > 0, hits / (k + area - hits), np.nan)
 
 
 def chance_topk_iou(masks: np.ndarray, k_percent: float) -> np.ndarray:
@@ -122,19 +126,22 @@ def topk_count(pixels: int, k_percent: float) -> int:
     return max(1, math.ceil(round(k_percent * pixels / 100.0, 9)))
 
 
-def _topk_pixels(att: np.ndarray, k_percent: float) -> np.ndarray:
-    """Boolean (N', H, W) map of the top-k pixels per map; ties go to the lower row-major index."""
-    n_maps, height, width = att.shape
-    k = topk_count(height * width, k_percent)
+def _kth_largest(att: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest value of each (H, W) map, (N', 1, 1); a broadcast global map is ranked once."""
     if att.strides[0] == 0:
-        # A broadcast global map: rank it once, not N times.
-        return np.broadcast_to(_topk_pixels(att[:1].copy(), k_percent), att.shape)
-    flat = att.reshape(n_maps, -1)
-    # A stable sort of the negated values keeps equal values in index order.
-    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    top = np.zeros(flat.shape, dtype=bool)
-    np.put_along_axis(top, order, True, axis=1)
-    return top.reshape(att.shape)
+        return np.broadcast_to(_kth_largest(att[:1].copy(), k), (att.shape[0], 1, 1))
+    flat = att.reshape(att.shape[0], -1)
+    return -np.partition(-flat, k - 1, axis=1)[:, k - 1].reshape(-1, 1, 1)
+
+
+def _topk_split(att: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(above, tied, share)``: the pixels strictly above each map's k-th value (surely in the
+    top k), those equal to it, and the share of the tied pixels the remaining places go to."""
+    threshold = _kth_largest(att, k)
+    above = att > threshold
+    tied = att == threshold
+    share = (k - above.sum(axis=(1, 2))) / tied.sum(axis=(1, 2))
+    return above, tied, share
 
 
 def _as_masks(masks: np.ndarray) -> np.ndarray:

@@ -61,22 +61,28 @@ def test_partial_overlap_matches_hand_computation() -> None:
     assert topk_iou(attention, mask, k_percent=5)[0] == pytest.approx(2 / 7)
 
 
-def test_topk_ties_go_to_the_lower_row_major_index() -> None:
+def test_topk_ties_share_the_remaining_places_evenly() -> None:
+    # A flat map picks no pixel over another: it scores exactly the chance level, wherever the mask is.
     flat = np.full((1, 10, 10), 0.5)
     first_five = np.zeros((1, 10, 10), dtype=bool)
     first_five[0, 0, 0:5] = True
     last_five = np.zeros((1, 10, 10), dtype=bool)
     last_five[0, 9, 5:10] = True
-    assert topk_iou(flat, first_five, k_percent=5)[0] == 1.0
-    assert topk_iou(flat, last_five, k_percent=5)[0] == 0.0
+    chance = chance_topk_iou(first_five, k_percent=5)[0]
+    assert topk_iou(flat, first_five, k_percent=5)[0] == pytest.approx(chance)
+    assert topk_iou(flat, last_five, k_percent=5)[0] == pytest.approx(chance)
     # A tie at the boundary: 3 clear winners, then 4 equal values competing for 2 places.
     att = np.zeros((1, 10, 10))
     att[0, 5, 0:3] = 1.0
     att[0, 7, [2, 4, 6, 8]] = 0.5
-    winners = np.zeros((1, 10, 10), dtype=bool)
-    winners[0, 5, 0:3] = True
-    winners[0, 7, [2, 4]] = True
-    assert topk_iou(att, winners, k_percent=5)[0] == 1.0
+    mask = np.zeros((1, 10, 10), dtype=bool)
+    mask[0, 5, 0:3] = True
+    mask[0, 7, [2, 4]] = True
+    # expected hits = 3 winners + 2 tied lesion pixels x 2/4 places = 4; union = 5 + 5 - 4 = 6
+    assert topk_iou(att, mask, k_percent=5)[0] == pytest.approx(4 / 6)
+    # without ties at the boundary the selection is exact
+    att[0, 7, [6, 8]] = 0.25
+    assert topk_iou(att, mask, k_percent=5)[0] == pytest.approx(1.0)
 
 
 def test_global_map_is_broadcast_over_all_images() -> None:
