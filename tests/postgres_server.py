@@ -16,7 +16,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +25,8 @@ from typing import Optional
 
 import psycopg
 import pytest
+
+from medattn.serving.process import free_port
 
 INSTALL_HINT = "apt-get update && apt-get install -y postgresql"
 _database_numbers = itertools.count()
@@ -40,12 +41,6 @@ def find_postgres_bin() -> Optional[Path]:
         if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
             return folder
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -93,7 +88,7 @@ def _start(bin_dir: Path) -> PostgresServer:
             pytest.fail("running as root but there is no 'postgres' user to run PostgreSQL as "
                         f"(it comes with the package: {INSTALL_HINT})")
         os.chown(base, owner.pw_uid, owner.pw_gid)
-    server = PostgresServer(bin_dir=bin_dir, base=base, port=_free_port(), as_postgres_user=as_root)
+    server = PostgresServer(bin_dir=bin_dir, base=base, port=free_port(), as_postgres_user=as_root)
     init = server.run("initdb", "-D", str(server.data_dir), "-U", "postgres", "--auth=trust",
                       "-E", "UTF8", "--no-locale", "--no-sync")
     if init.returncode != 0:
@@ -106,7 +101,7 @@ def _start(bin_dir: Path) -> PostgresServer:
                              "-w", "-t", "60", "-o", options, "start")
         if started.returncode == 0:
             return server
-        server.port = _free_port()
+        server.port = free_port()
     log = server.log_tail()
     shutil.rmtree(base, ignore_errors=True)
     pytest.fail(f"pg_ctl start failed:\n{started.stdout}\n{started.stderr}\n{log}")
