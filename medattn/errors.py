@@ -9,6 +9,18 @@ service maps it to a 4xx JSON body.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name: for one-line errors.
+
+    Third-party exceptions (torch, PIL, SQLAlchemy, YAML) often carry pages of context; a user
+    needs the first line, and the full text stays in the chained traceback for debugging.
+    """
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return exc.__class__.__name__
+
+
 class MedattnError(Exception):
     """Base class: a problem the user can fix, described in one line."""
 
