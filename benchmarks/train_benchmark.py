@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from medattn.models.factory import ModelSpec, create_model
-from medattn.models.global_attention import GlobalPixelAttention
-from medattn.training.algorithm1 import resolve_device
-from medattn.training.losses import attention_classification_loss
+from medattn.models.base import EpochSchedule, LossSettings
+from medattn.models.factory import ModelSpec, create_model, spec_for_training
+from medattn.training.fit import resolve_device
+from medattn.training.losses import total_loss
 
 
 def images_per_second(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
@@ -28,7 +28,7 @@ def images_per_second(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         logits, attention = model(x)
-        attention_classification_loss(logits, y, attention, 0.1, getattr(model, "l1_on_attention", False)).total.backward()
+        total_loss(logits, y, model.loss_terms(attention, LossSettings(lambda_l1=0.1)))["total"].backward()
         optimizer.step()
 
     step()  # warm-up (allocations, cuDNN autotune)
@@ -60,18 +60,16 @@ def main() -> None:
     s, n = args.image_size, args.train_images
     x = torch.randn(args.batch_size, 3, s, s, device=device)
     y = torch.randint(0, 3, (args.batch_size,), device=device)
-    pixels = torch.randn(1, n * 3, s, s, device=device)
+    train_images = torch.randn(n, 3, s, s)
 
     def build(attention: str) -> torch.nn.Module:
-        spec = ModelSpec(backbone=args.backbone, attention=attention, num_classes=3, image_size=s, K=args.K,
-                         n_pixel_channels=n * 3)
-        model = create_model(spec).to(device)
-        if isinstance(model, GlobalPixelAttention):
-            model.set_pixel_representation(pixels)
+        spec = ModelSpec(backbone=args.backbone, attention=attention, num_classes=3, image_size=s, K=args.K)
+        model = create_model(spec_for_training(spec, train_images)).to(device)
+        model.before_training(train_images)  # the same hooks fit() calls
         return model
 
     joint_model, frozen_model = build("global_pixel"), build("global_pixel")
-    frozen_model.freeze()
+    frozen_model.on_epoch_start(EpochSchedule(epoch=2, epochs=2, cutoff_epoch=1))
     variants = {
         "plain CNN (attention none)": build("none"),
         "global attention, epochs <= E": joint_model,

@@ -17,7 +17,6 @@ import yaml
 from medattn.errors import ParamError
 
 DATA_SOURCES = ("synthetic", "imagefolder", "idrid", "jaffe", "malaria")
-ATTENTIONS = ("global_pixel", "mldam", "none")
 IDRID_TASKS = ("retinopathy", "macular_edema")
 
 
@@ -164,7 +163,8 @@ def _check(condition: bool, message: str) -> None:
 
 def validate_params(p: Params) -> Params:
     """Range and cross-field checks; returns ``p`` unchanged when everything is valid."""
-    from medattn.models.factory import available_backbones  # late: keeps config import light
+    # late: keeps config import light; the registries are the one list of methods and backbones
+    from medattn.models.factory import available_attentions, available_backbones
 
     d, s = p.data, p.data.synthetic
     _check(d.source in DATA_SOURCES, f"data.source must be one of {', '.join(DATA_SOURCES)}, got {d.source!r}")
@@ -183,7 +183,8 @@ def validate_params(p: Params) -> Params:
     m = p.model
     backbones = available_backbones()
     _check(m.backbone in backbones, f"model.backbone {m.backbone!r} is unknown (choose from {', '.join(backbones)})")
-    _check(m.attention in ATTENTIONS, f"model.attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}")
+    attentions = available_attentions()
+    _check(m.attention in attentions, f"model.attention must be one of {', '.join(attentions)}, got {m.attention!r}")
     _check(1 <= m.K <= 4096, f"model.K must be in [1, 4096], got {m.K}")
     if m.pretrained_weights is not None:
         _check(m.backbone != "small_cnn", "model.pretrained_weights must be null for small_cnn (it has no ImageNet weights)")

@@ -100,7 +100,8 @@ def _load_local_weights(net: nn.Module, path: Path) -> None:
 
 
 def build_backbone(
-    name: str, num_classes: int, in_channels: int = 3, pretrained_weights: Optional[str] = None
+    name: str, num_classes: int, in_channels: int = 3, pretrained_weights: Optional[str] = None,
+    imagenet_pretrained: Optional[bool] = None,
 ) -> nn.Module:
     """Build image CNN ``name`` with a ``num_classes`` head (weights only from a local file)."""
     if name == "small_cnn":

@@ -8,16 +8,23 @@ all N training images (NC values) at that pixel.
     pixel CNN: conv(NC -> K, 3x3, stride 1, pad 1) -> ReLU -> conv(K -> 1, 1x1) -> sigmoid
     parameters: K(9NC + 1) + (K + 1)
 
-Images are multiplied by M and fed to any image CNN. Algorithm 1 trains both jointly until
-the cut-off epoch E, then calls :meth:`GlobalPixelAttention.freeze`: M is computed once,
-kept as a buffer, and the pixel CNN receives no more updates. Only the frozen M is saved, so a
-served model needs neither P nor the pixel CNN's input.
+Images are multiplied by M and fed to any image CNN. Algorithm 1 is this method's hooks on the
+one training loop: ``before_training`` builds P from the training split, ``on_epoch_start``
+freezes the pixel CNN once the cut-off epoch E has passed (M is computed once and kept as a
+buffer), ``loss_terms`` adds λ·mean(M), ``before_saving`` freezes at the kept epoch. Only the
+frozen M is saved, so a served model needs neither P nor the pixel CNN's input.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
+
+from medattn.errors import ModelError
+from medattn.models.base import AttentionModel, EpochSchedule, LossSettings, register_attention
+from medattn.models.spec import ModelSpec
 
 
 class PixelCNN(nn.Module):
@@ -38,10 +45,17 @@ class PixelCNN(nn.Module):
         return k * (9 * nc + 1) + (k + 1)
 
 
-class GlobalPixelAttention(nn.Module):
+def pixel_representation_from_images(images: torch.Tensor) -> torch.Tensor:
+    """Stack N training images (N, C, H, W) into P (1, N*C, H, W) (Definition 3 of seed 001)."""
+    n, c, h, w = images.shape
+    return images.reshape(1, n * c, h, w).contiguous()
+
+
+@register_attention("global_pixel")
+class GlobalPixelAttention(AttentionModel):
     """Image CNN preceded by one learned global map: ``forward(x) -> (logits, attention)``."""
 
-    l1_on_attention = True  # the training loss adds lambda * mean(M) (Eq. 1)
+    attention_is_global = True
 
     def __init__(self, image_cnn: nn.Module, n_pixel_channels: int, hidden_channels: int, image_size: int):
         super().__init__()
@@ -53,12 +67,62 @@ class GlobalPixelAttention(nn.Module):
         self.register_buffer("pixel_representation", torch.empty(0), persistent=False)
         self.register_buffer("frozen_map", torch.ones(1, 1, image_size, image_size))
         self.register_buffer("is_frozen", torch.tensor(False))
+        # P on the host (a view of the training images, no copy): lets before_saving re-attach P
+        # when the kept epoch precedes the cut-off, after freezing has dropped it from the device.
+        self._host_pixels: Optional[torch.Tensor] = None
 
+    @classmethod
+    def build(cls, spec: ModelSpec, image_cnn: nn.Module) -> "GlobalPixelAttention":
+        if spec.n_pixel_channels < 1:
+            raise ModelError("global_pixel attention needs n_pixel_channels >= 1 (training images x channels)")
+        return cls(image_cnn, spec.n_pixel_channels, spec.K, spec.image_size)
+
+    @classmethod
+    def configure_spec(cls, spec: ModelSpec, train_images: torch.Tensor) -> ModelSpec:
+        from dataclasses import replace
+
+        n, c = train_images.shape[:2]
+        return replace(spec, n_pixel_channels=n * c)
+
+    # -- the hooks of the training loop (Algorithm 1) ---------------------------------------
+    def before_training(self, train_images: torch.Tensor) -> None:
+        pixels = pixel_representation_from_images(train_images)  # a view: no copy of the images
+        if bool(self.is_frozen):
+            # resumed after E, or fine-tuned from a saved model: M stays as it is. P is only kept
+            # on the host, in case an earlier (unfrozen) epoch is the one restored at the end.
+            if pixels.shape[1] == self.n_pixel_channels:
+                self._host_pixels = pixels
+            return
+        self.set_pixel_representation(pixels)
+
+    def on_epoch_start(self, schedule: EpochSchedule) -> None:
+        if schedule.epoch > schedule.cutoff_epoch:
+            self.freeze()  # Algorithm 1, line 4: M computed once, pixel CNN fixed from now on
+
+    def loss_terms(self, attention: torch.Tensor, settings: LossSettings) -> dict[str, torch.Tensor]:
+        # Eq. (1): λ‖M‖₁, pixel-averaged (see medattn.training.losses); a frozen M adds a constant
+        return {"attention_l1": settings.lambda_l1 * attention.mean()}
+
+    def before_saving(self) -> None:
+        if not bool(self.is_frozen) and self.pixel_representation.numel() == 0 and self._host_pixels is not None:
+            self.pixel_representation = self._host_pixels.to(self.frozen_map.device, self.frozen_map.dtype)
+        self.freeze()  # the saved model carries M, not P
+        self._host_pixels = None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"pixel_cnn_frozen": float(bool(self.is_frozen))}
+
+    @torch.no_grad()
+    def global_attention(self) -> torch.Tensor:
+        return self.attention_map()[0, 0]
+
+    # -- the method itself -----------------------------------------------------------------
     def set_pixel_representation(self, pixels: torch.Tensor) -> None:
         """Attach P, shaped (1, NC, H, W) (already normalised like the model input)."""
         expected = (1, self.n_pixel_channels, self.image_size, self.image_size)
         if tuple(pixels.shape) != expected:
-            raise ValueError(f"pixel representation must be {expected}, got {tuple(pixels.shape)}")
+            raise ModelError(f"pixel representation must be {expected}, got {tuple(pixels.shape)}")
+        self._host_pixels = pixels if pixels.device.type == "cpu" else None
         self.pixel_representation = pixels.to(self.frozen_map.device, self.frozen_map.dtype)
 
     def attention_map(self) -> torch.Tensor:
@@ -66,14 +130,14 @@ class GlobalPixelAttention(nn.Module):
         if bool(self.is_frozen):
             return self.frozen_map
         if self.pixel_representation.numel() == 0:
-            raise RuntimeError("GlobalPixelAttention needs set_pixel_representation() before the cut-off epoch")
+            raise ModelError("GlobalPixelAttention needs its pixel representation (before_training) until it is frozen")
         return self.pixel_cnn(self.pixel_representation)
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Algorithm 1, line 4: compute M once and stop optimising the pixel CNN."""
         if not bool(self.is_frozen):
-            self.frozen_map.copy_(self.pixel_cnn(self.pixel_representation))
+            self.frozen_map.copy_(self.attention_map())
             self.is_frozen.fill_(True)
         self.pixel_cnn.requires_grad_(False)
         self.pixel_representation = torch.empty(0, device=self.frozen_map.device)
@@ -85,26 +149,6 @@ class GlobalPixelAttention(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if bool(self.is_frozen):
-            self.pixel_cnn.requires_grad_(False)
+        # a restored earlier epoch may be unfrozen again: its pixel CNN must train (and P return)
+        self.pixel_cnn.requires_grad_(not bool(self.is_frozen))
         return result
-
-
-class NoAttention(nn.Module):
-    """Baseline image CNN under the same contract; its attention is a uniform map of ones."""
-
-    l1_on_attention = False
-
-    def __init__(self, image_cnn: nn.Module):
-        super().__init__()
-        self.image_cnn = image_cnn
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ones = x.new_ones(x.shape[0], 1, x.shape[2], x.shape[3])
-        return self.image_cnn(x), ones
-
-
-def pixel_representation_from_images(images: torch.Tensor) -> torch.Tensor:
-    """Stack N training images (N, C, H, W) into P (1, N*C, H, W) (Definition 3 of seed 001)."""
-    n, c, h, w = images.shape
-    return images.reshape(1, n * c, h, w).contiguous()

@@ -8,7 +8,8 @@ attention a_p (a 1x1 convolution + sigmoid: where in the image it matters):
 
 The residual term keeps a freshly initialised attention block from cutting the signal of a
 (possibly pretrained) backbone. The blocks are attached with forward hooks on named modules,
-so one wrapper serves every backbone in the factory. The exposed attention map is the mean of
+so one wrapper serves every backbone in the factory. The hooks are small objects holding their
+block and owner (not closures), so ``copy.deepcopy`` of the model re-points them at the copy. The exposed attention map is the mean of
 the position maps of all levels, upsampled to the input resolution: per image, in [0, 1].
 """
 
@@ -17,6 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medattn.errors import ModelError
+from medattn.models.base import AttentionModel, register_attention
+from medattn.models.spec import ModelSpec
 
 # Which modules' outputs are re-weighted, per backbone: the last three resolution levels.
 MLDAM_LEVELS: dict[str, tuple[str, ...]] = {
@@ -50,10 +55,22 @@ class DualAttention(nn.Module):
         return f + f * self.channel(f) * a_p, a_p
 
 
-class MultiLevelDualAttention(nn.Module):
-    """Image CNN with MLDAM blocks hooked onto ``levels``: ``forward(x) -> (logits, attention)``."""
+class _LevelHook:
+    """Forward hook re-weighting one level's output; an object (not a closure) so deepcopy maps it."""
 
-    l1_on_attention = False
+    def __init__(self, owner: "MultiLevelDualAttention", block: DualAttention):
+        self.owner = owner
+        self.block = block
+
+    def __call__(self, _module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        reweighted, a_p = self.block(output)
+        self.owner._maps.append(a_p)
+        return reweighted
+
+
+@register_attention("mldam")
+class MultiLevelDualAttention(AttentionModel):
+    """Image CNN with MLDAM blocks hooked onto ``levels``: ``forward(x) -> (logits, attention)``."""
 
     def __init__(self, image_cnn: nn.Module, levels: tuple[str, ...], image_size: int, in_channels: int = 3):
         super().__init__()
@@ -67,7 +84,14 @@ class MultiLevelDualAttention(nn.Module):
         self.blocks = nn.ModuleList(DualAttention(c) for c in channels)
         self._maps: list[torch.Tensor] = []
         for block, name in zip(self.blocks, levels):
-            modules[name].register_forward_hook(self._make_hook(block))
+            modules[name].register_forward_hook(_LevelHook(self, block))
+
+    @classmethod
+    def build(cls, spec: ModelSpec, image_cnn: nn.Module) -> "MultiLevelDualAttention":
+        if spec.backbone not in MLDAM_LEVELS:
+            raise ModelError(f"mldam has no feature levels for backbone {spec.backbone!r} "
+                             f"(known: {', '.join(MLDAM_LEVELS)})")
+        return cls(image_cnn, MLDAM_LEVELS[spec.backbone], spec.image_size, spec.in_channels)
 
     def _probe_channels(self, modules: dict[str, nn.Module], in_channels: int, image_size: int) -> list[int]:
         seen: dict[str, int] = {}
@@ -83,14 +107,6 @@ class MultiLevelDualAttention(nn.Module):
         for h in handles:
             h.remove()
         return [seen[name] for name in self.levels]
-
-    def _make_hook(self, block: DualAttention):
-        def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
-            reweighted, a_p = block(output)
-            self._maps.append(a_p)
-            return reweighted
-
-        return hook
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._maps = []

@@ -1,4 +1,4 @@
-"""The train stage: prepared dataset -> Algorithm 1 -> model bundle, curves, one MLflow run.
+"""The train stage: prepared dataset -> fit (Algorithm 1 for the global map) -> model bundle, curves, one MLflow run.
 
 The MLflow run created here is the pipeline run: its id goes to ``mlflow_run.json`` so the
 evaluate and register stages (separate processes under DVC) add to the same run.
@@ -18,7 +18,7 @@ from medattn.data.preprocess import normalize_tensor
 from medattn.evaluation.figures import global_attention_map_figure, training_curves_figure
 from medattn.evaluation.reports import write_history_csv, write_metrics_json
 from medattn.models.bundle import save_bundle
-from medattn.training.algorithm1 import LabelledImages, TrainResult, resolve_device, train_algorithm1
+from medattn.training.fit import LabelledImages, TrainResult, fit, resolve_device
 from medattn.training.checkpoints import fingerprint
 
 
@@ -59,12 +59,12 @@ def run_training(params: Params, dataset_dir: Path, outputs: TrainOutputs, progr
     tags = {"stage": "train", "data.source": params.data.source, "device": str(device)}
     with pipeline_run(params.flat(), params.mlflow.experiment, uri, tags=tags) as run_id:
         started = time.perf_counter()
-        result = train_algorithm1(
+        result = fit(
             params.model,
             params.train,
-            class_names,
             train,
             val,
+            class_names=class_names,
             checkpoint_dir=outputs.checkpoint_dir,
             data_fingerprint=data_fingerprint(dataset_dir),
             on_epoch=lambda row: log_epoch_metrics(run_id, [row], uri),
@@ -92,9 +92,9 @@ def run_training(params: Params, dataset_dir: Path, outputs: TrainOutputs, progr
         write_metrics_json(summary, report / "metrics.json")
         write_history_csv(result.history, report / "history.csv")
         figures = [training_curves_figure(result.history, params.train.cutoff_epoch, report / "figures" / "curves.png")]
-        if result.spec.attention == "global_pixel":
-            global_map = result.model.frozen_map[0, 0].cpu().numpy()
-            figures.append(global_attention_map_figure(global_map, report / "figures" / "global_attention_map.png"))
+        global_map = result.model.global_attention()
+        if global_map is not None:
+            figures.append(global_attention_map_figure(global_map.cpu().numpy(), report / "figures" / "global_attention_map.png"))
         log_metrics(run_id, {f"train_{k}": v for k, v in summary.items()}, uri)
         log_artifacts(run_id, [*figures, report / "history.csv", outputs.bundle_dir / "model_spec.json"], uri,
                       artifact_dir="train")

@@ -1,4 +1,4 @@
-"""Seed 001's pixel CNN and Algorithm 1."""
+"""Seed 001's pixel CNN and Algorithm 1 (its hooks on the one training loop)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from medattn.config import ModelParams, TrainParams
-from medattn.models.global_attention import PixelCNN, pixel_representation_from_images
-from medattn.training.algorithm1 import LabelledImages, train_algorithm1
-from medattn.training.losses import attention_classification_loss
+from medattn.models.factory import ModelSpec, create_model
+from medattn.models.global_attention import GlobalPixelAttention, PixelCNN, pixel_representation_from_images
+from medattn.models.base import LossSettings
+from medattn.training.fit import LabelledImages, fit
+from medattn.training.losses import total_loss
 
 
 @pytest.mark.parametrize("nc,k", [(3, 1), (30, 8), (1200, 32)])
@@ -30,11 +32,14 @@ def test_loss_terms_add_up_and_l1_is_pixel_mean() -> None:
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     labels = torch.tensor([0, 1])
     m = torch.full((1, 1, 4, 4), 0.25).expand(2, 1, 4, 4)
-    terms = attention_classification_loss(logits, labels, m, lambda_l1=0.5, l1_on_attention=True)
-    assert terms.attention_l1.item() == pytest.approx(0.25)
-    assert terms.total.item() == pytest.approx(terms.cross_entropy.item() + 0.125)
-    off = attention_classification_loss(logits, labels, m, lambda_l1=0.5, l1_on_attention=False)
-    assert off.total.item() == pytest.approx(off.cross_entropy.item())
+    spec = ModelSpec(backbone="small_cnn", attention="global_pixel", num_classes=2, image_size=4, K=1,
+                     n_pixel_channels=3)
+    terms = create_model(spec).loss_terms(m, LossSettings(lambda_l1=0.5))
+    assert terms["attention_l1"].item() == pytest.approx(0.125)
+    losses = total_loss(logits, labels, terms)
+    assert losses["total"].item() == pytest.approx(losses["ce"].item() + 0.125)
+    plain = total_loss(logits, labels, {})
+    assert plain["total"].item() == pytest.approx(plain["ce"].item())
 
 
 def _toy_data(n: int = 24, size: int = 16, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
@@ -47,36 +52,35 @@ def _toy_data(n: int = 24, size: int = 16, seed: int = 0) -> tuple[LabelledImage
 
 def _params(epochs: int = 4, cutoff: int = 2, seed: int = 0) -> tuple[ModelParams, TrainParams]:
     return ModelParams(backbone="small_cnn", attention="global_pixel", K=4), TrainParams(
-        epochs=epochs, cutoff_epoch=cutoff, lambda_l1=0.01, lr=0.01, batch_size=8, weight_decay=1e-4, seed=seed
+        epochs=epochs, cutoff_epoch=cutoff, lambda_l1=0.01, lr=0.01, batch_size=8, weight_decay=1e-4, seed=seed,
+        device="cpu",
     )
 
 
-def test_pixel_cnn_learns_before_cutoff_and_is_fixed_after() -> None:
+def _fit(mp, tp, train, val, **kwargs):
+    return fit(mp, tp, train, val, class_names=["a", "b"], progress=False, **kwargs)
+
+
+def test_pixel_cnn_learns_before_cutoff_and_is_fixed_after(monkeypatch) -> None:
     train, val = _toy_data()
     mp, tp = _params(epochs=2, cutoff=1)
     snapshots: list[dict[str, torch.Tensor]] = []
-    model_ref: dict = {}
+    seen_model: dict = {}
+    original = GlobalPixelAttention.before_training
 
-    from medattn.training import algorithm1
+    def spy(self, images):
+        seen_model["m"] = self
+        snapshots.append({k: v.clone() for k, v in self.pixel_cnn.state_dict().items()})
+        return original(self, images)
 
-    original = algorithm1.create_model
+    monkeypatch.setattr(GlobalPixelAttention, "before_training", spy)
+    epochs_seen: list[dict[str, float]] = []
 
-    def spy(spec, weights=None):
-        model_ref["m"] = original(spec, weights)
-        snapshots.append({k: v.clone() for k, v in model_ref["m"].pixel_cnn.state_dict().items()})
-        return model_ref["m"]
+    def on_epoch(row: dict[str, float]) -> None:
+        epochs_seen.append(row)
+        snapshots.append({k: v.clone() for k, v in seen_model["m"].pixel_cnn.state_dict().items()})
 
-    algorithm1.create_model = spy
-    try:
-        epochs_seen: list[dict[str, float]] = []
-
-        def on_epoch(row: dict[str, float]) -> None:
-            epochs_seen.append(row)
-            snapshots.append({k: v.clone() for k, v in model_ref["m"].pixel_cnn.state_dict().items()})
-
-        result = train_algorithm1(mp, tp, ["a", "b"], train, val, on_epoch=on_epoch, progress=False)
-    finally:
-        algorithm1.create_model = original
+    result = _fit(mp, tp, train, val, on_epoch=on_epoch)
     initial, after_e, after_last = snapshots
     assert any(not torch.equal(initial[k], after_e[k]) for k in initial), "pixel CNN must train up to E"
     assert all(torch.equal(after_e[k], after_last[k]) for k in after_e), "pixel CNN must be fixed after E"
@@ -85,19 +89,38 @@ def test_pixel_cnn_learns_before_cutoff_and_is_fixed_after() -> None:
     assert all(not p.requires_grad for p in result.model.pixel_cnn.parameters())
 
 
-def test_training_is_seeded() -> None:
+def test_pixel_representation_is_built_from_the_training_split_only(monkeypatch) -> None:
     train, val = _toy_data()
-    mp, tp = _params(epochs=2, cutoff=1)
-    a = train_algorithm1(mp, tp, ["a", "b"], train, val, progress=False)
-    b = train_algorithm1(mp, tp, ["a", "b"], train, val, progress=False)
+    val = LabelledImages(val.images + 100.0, val.labels)  # validation images are recognisably different
+    attached: list[torch.Tensor] = []
+    original = GlobalPixelAttention.set_pixel_representation
+
+    def spy(self, pixels):
+        attached.append(pixels.detach().clone())
+        return original(self, pixels)
+
+    monkeypatch.setattr(GlobalPixelAttention, "set_pixel_representation", spy)
+    result = _fit(*_params(epochs=1, cutoff=1), train, val)
+    assert attached, "P was never attached"
+    assert torch.equal(attached[0], pixel_representation_from_images(train.images))
+    assert result.spec.n_pixel_channels == len(train.labels) * 3
+
+
+def test_training_is_deterministic_to_the_bit() -> None:
+    train, val = _toy_data()
+    mp, tp = _params(epochs=3, cutoff=1)
+    a = _fit(mp, tp, train, val)
+    b = _fit(mp, tp, train, val)
     assert a.history == b.history
-    assert torch.equal(a.model.frozen_map, b.model.frozen_map)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "two runs of the same data and params must give identical weights"
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path) -> None:
     train, val = _toy_data()
     mp, tp = _params(epochs=4, cutoff=2)
-    uninterrupted = train_algorithm1(mp, tp, ["a", "b"], train, val, progress=False)
+    uninterrupted = _fit(mp, tp, train, val)
 
     class Killed(Exception):
         pass
@@ -107,9 +130,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path) -> None:
             raise Killed
 
     with pytest.raises(Killed):
-        train_algorithm1(mp, tp, ["a", "b"], train, val, checkpoint_dir=tmp_path, on_epoch=kill_after_three,
-                         progress=False)
-    resumed = train_algorithm1(mp, tp, ["a", "b"], train, val, checkpoint_dir=tmp_path, progress=False)
+        _fit(mp, tp, train, val, checkpoint_dir=tmp_path, on_epoch=kill_after_three)
+    resumed = _fit(mp, tp, train, val, checkpoint_dir=tmp_path)
     assert resumed.resumed_from_epoch == 3
     assert [r["epoch"] for r in resumed.history] == [1.0, 2.0, 3.0, 4.0]
     for got, want in zip(resumed.history, uninterrupted.history):
@@ -120,7 +142,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path) -> None:
 def test_checkpoint_of_another_config_is_ignored(tmp_path) -> None:
     train, val = _toy_data()
     mp, tp = _params(epochs=2, cutoff=1)
-    train_algorithm1(mp, tp, ["a", "b"], train, val, checkpoint_dir=tmp_path, progress=False)
+    _fit(mp, tp, train, val, checkpoint_dir=tmp_path)
     _, other = _params(epochs=2, cutoff=1, seed=5)
-    result = train_algorithm1(mp, other, ["a", "b"], train, val, checkpoint_dir=tmp_path, progress=False)
+    result = _fit(mp, other, train, val, checkpoint_dir=tmp_path)
     assert result.resumed_from_epoch == 0
+
+
+def test_best_epoch_before_the_cutoff_is_saved_frozen_at_that_epoch() -> None:
+    train, val = _toy_data()
+    mp, tp = _params(epochs=3, cutoff=2)
+    rows: list[dict] = []
+    result = _fit(mp, tp, train, val, on_epoch=lambda row: rows.append(row))
+    assert bool(result.model.is_frozen)
+    assert result.model.pixel_representation.numel() == 0  # P is not kept in the saved model
+    assert result.best_epoch >= 1
