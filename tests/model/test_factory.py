@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from medattn.errors import ModelError
 from medattn.models.bundle import load_bundle
@@ -21,16 +20,6 @@ def test_missing_pretrained_file_names_the_path(tmp_path) -> None:
         create_model(spec, pretrained_weights=str(tmp_path / "nope.pth"))
 
 
-def test_local_pretrained_weights_are_loaded_before_the_head_is_replaced(tmp_path) -> None:
-    from torchvision.models import googlenet
-
-    reference = googlenet(weights=None, aux_logits=False, init_weights=False)
-    path = tmp_path / "googlenet.pth"
-    torch.save(reference.state_dict(), path)
-    model = create_model(ModelSpec(backbone="googlenet", attention="none", num_classes=2, image_size=64),
-                         pretrained_weights=str(path))
-    assert torch.equal(model.image_cnn.conv1.conv.weight, reference.conv1.conv.weight)
-    assert model.image_cnn.fc.out_features == 2
 
 
 def test_bundle_errors_name_the_folder(tmp_path) -> None:
