@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96, help="square input size (default: %(default)s)")
     parser.add_argument("--train-images", type=int, default=432, help="N of the pixel representation (default: %(default)s)")
     parser.add_argument("--K", type=int, default=32, help="pixel CNN hidden channels (default: %(default)s)")
+    parser.add_argument("--pixel-rank", type=int, default=64,
+                        help="R of the compressed pixel representation variant (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3,
@@ -62,8 +64,9 @@ def main() -> None:
     y = torch.randint(0, 3, (args.batch_size,), device=device)
     train_images = torch.randn(n, 3, s, s)
 
-    def build(attention: str) -> torch.nn.Module:
-        spec = ModelSpec(backbone=args.backbone, attention=attention, num_classes=3, image_size=s, K=args.K)
+    def build(attention: str, pixel_rank: int = 0) -> torch.nn.Module:
+        spec = ModelSpec(backbone=args.backbone, attention=attention, num_classes=3, image_size=s, K=args.K,
+                         pixel_rank=pixel_rank)
         model = create_model(spec_for_training(spec, train_images)).to(device)
         model.before_training(train_images)  # the same hooks fit() calls
         return model
@@ -74,6 +77,7 @@ def main() -> None:
         "plain CNN (attention none)": build("none"),
         "global attention, epochs <= E": joint_model,
         "global attention, epochs > E": frozen_model,
+        f"global attention R={args.pixel_rank}, <= E": build("global_pixel", args.pixel_rank),
         "MLDAM": build("mldam"),
     }
     # Interleaved rounds: a slow spell of a shared machine hits every variant, not just one.

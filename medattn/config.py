@@ -52,6 +52,8 @@ class ModelParams:
     backbone: str = "small_cnn"
     attention: str = "global_pixel"
     K: int = 32
+    # 0: seed 001's pixel representation P as is; R > 0: P compressed to its top-R channel subspace
+    pixel_rank: int = 0
     pretrained_weights: Optional[str] = None
 
 
@@ -186,6 +188,7 @@ def validate_params(p: Params) -> Params:
     attentions = available_attentions()
     _check(m.attention in attentions, f"model.attention must be one of {', '.join(attentions)}, got {m.attention!r}")
     _check(1 <= m.K <= 4096, f"model.K must be in [1, 4096], got {m.K}")
+    _check(m.pixel_rank >= 0, f"model.pixel_rank must be >= 0 (0 = uncompressed), got {m.pixel_rank}")
     if m.pretrained_weights is not None:
         _check(m.backbone != "small_cnn", "model.pretrained_weights must be null for small_cnn (it has no ImageNet weights)")
         _check(Path(m.pretrained_weights).is_file(),

@@ -8,6 +8,14 @@ all N training images (NC values) at that pixel.
     pixel CNN: conv(NC -> K, 3x3, stride 1, pad 1) -> ReLU -> conv(K -> 1, 1x1) -> sigmoid
     parameters: K(9NC + 1) + (K + 1)
 
+**Compressed pixel representation** (``model.pixel_rank: R > 0``). The first convolution is linear
+in P's channels, so with P = U·Z (U an orthonormal (NC, R) basis of P's channel space, Z = Uᵀ·P
+its R-channel coordinates, from a truncated SVD of P as an NC x HW matrix) conv(W, P) =
+conv(W·U, Z): a pixel CNN over Z with R input channels is the same function class when R covers
+P's rank, and a controlled approximation below it (what the dropped singular values carry).
+Its cost no longer grows with the number of training images: K(9R+1)+(K+1) parameters and an
+R-channel convolution per step instead of NC. The SVD is not centred, so the identity is exact.
+
 Images are multiplied by M and fed to any image CNN. Algorithm 1 is this method's hooks on the
 one training loop: ``before_training`` builds P from the training split, ``on_epoch_start``
 freezes the pixel CNN once the cut-off epoch E has passed (M is computed once and kept as a
@@ -51,13 +59,40 @@ def pixel_representation_from_images(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(1, n * c, h, w).contiguous()
 
 
+def max_pixel_rank(n_channels: int, height: int, width: int) -> int:
+    """The rank P (NC x HW as a matrix) can have at most: R beyond it adds nothing."""
+    return min(n_channels, height * width)
+
+
+def channel_basis(pixels: torch.Tensor, rank: int) -> torch.Tensor:
+    """U: an orthonormal (NC, R) basis of the top-``rank`` channel subspace of P (1, NC, H, W).
+
+    Exact SVD while it is cheap, a seeded randomised one (Halko et al., torch.svd_lowrank) for
+    large P; both uncentred, so P ≈ U·(Uᵀ·P) with equality at full rank.
+    """
+    _, nc, h, w = pixels.shape
+    matrix = pixels.reshape(nc, h * w).double()
+    if rank >= max_pixel_rank(nc, h, w) or nc * h * w <= 4_000_000:
+        u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    else:
+        u, _, _ = torch.svd_lowrank(matrix, q=rank, niter=4)
+    return u[:, :rank].to(pixels.dtype).contiguous()
+
+
+def compress_pixels(pixels: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Z = Uᵀ·P, shaped (1, R, H, W)."""
+    _, nc, h, w = pixels.shape
+    return (basis.T @ pixels.reshape(nc, h * w)).reshape(1, basis.shape[1], h, w)
+
+
 @register_attention("global_pixel")
 class GlobalPixelAttention(AttentionModel):
     """Image CNN preceded by one learned global map: ``forward(x) -> (logits, attention)``."""
 
     attention_is_global = True
 
-    def __init__(self, image_cnn: nn.Module, n_pixel_channels: int, hidden_channels: int, image_size: int):
+    def __init__(self, image_cnn: nn.Module, n_pixel_channels: int, hidden_channels: int, image_size: int,
+                 pixel_rank: int = 0):
         super().__init__()
         self.image_cnn = image_cnn
         self.pixel_cnn = PixelCNN(n_pixel_channels, hidden_channels)
@@ -67,34 +102,30 @@ class GlobalPixelAttention(AttentionModel):
         self.register_buffer("pixel_representation", torch.empty(0), persistent=False)
         self.register_buffer("frozen_map", torch.ones(1, 1, image_size, image_size))
         self.register_buffer("is_frozen", torch.tensor(False))
-        # P on the host (a view of the training images, no copy): lets before_saving re-attach P
-        # when the kept epoch precedes the cut-off, after freezing has dropped it from the device.
-        self._host_pixels: Optional[torch.Tensor] = None
+        self.pixel_rank = pixel_rank
+        self._host_source: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, spec: ModelSpec, image_cnn: nn.Module) -> "GlobalPixelAttention":
         if spec.n_pixel_channels < 1:
             raise ModelError("global_pixel attention needs n_pixel_channels >= 1 (training images x channels)")
-        return cls(image_cnn, spec.n_pixel_channels, spec.K, spec.image_size)
+        return cls(image_cnn, spec.n_pixel_channels, spec.K, spec.image_size, spec.pixel_rank)
 
     @classmethod
     def configure_spec(cls, spec: ModelSpec, train_images: torch.Tensor) -> ModelSpec:
         from dataclasses import replace
 
-        n, c = train_images.shape[:2]
-        return replace(spec, n_pixel_channels=n * c)
+        n, c, h, w = train_images.shape
+        channels = n * c if spec.pixel_rank <= 0 else min(spec.pixel_rank, max_pixel_rank(n * c, h, w))
+        return replace(spec, n_pixel_channels=channels)
 
     # -- the hooks of the training loop (Algorithm 1) ---------------------------------------
     def before_training(self, train_images: torch.Tensor) -> None:
-        pixels = pixel_representation_from_images(train_images)  # a view: no copy of the images
-        if bool(self.is_frozen):
-            # resumed after E, or fine-tuned from a saved model: M stays as it is. P is only kept
-            # on the host, in case an earlier (unfrozen) epoch is the one restored at the end.
-            if pixels.shape[1] == self.n_pixel_channels:
-                self._host_pixels = pixels
-            return
-        self.set_pixel_representation(pixels)
-
+        # P on the host is a view of the training images (no copy); kept until saving so that a
+        # kept epoch before the cut-off can be frozen after freezing has dropped P from the device
+        self._host_source = pixel_representation_from_images(train_images)
+        if not bool(self.is_frozen):  # resumed after E, or fine-tuned from a saved model: M stays
+            self._attach_pixels(self._host_source)
     def on_epoch_start(self, schedule: EpochSchedule) -> None:
         if schedule.epoch > schedule.cutoff_epoch:
             self.freeze()  # Algorithm 1, line 4: M computed once, pixel CNN fixed from now on
@@ -104,10 +135,10 @@ class GlobalPixelAttention(AttentionModel):
         return {"attention_l1": settings.lambda_l1 * attention.mean()}
 
     def before_saving(self) -> None:
-        if not bool(self.is_frozen) and self.pixel_representation.numel() == 0 and self._host_pixels is not None:
-            self.pixel_representation = self._host_pixels.to(self.frozen_map.device, self.frozen_map.dtype)
+        if not bool(self.is_frozen) and self.pixel_representation.numel() == 0 and self._host_source is not None:
+            self._attach_pixels(self._host_source)
         self.freeze()  # the saved model carries M, not P
-        self._host_pixels = None
+        self._host_source = None
 
     def epoch_metrics(self) -> dict[str, float]:
         return {"pixel_cnn_frozen": float(bool(self.is_frozen))}
@@ -117,12 +148,17 @@ class GlobalPixelAttention(AttentionModel):
         return self.attention_map()[0, 0]
 
     # -- the method itself -----------------------------------------------------------------
+    def _attach_pixels(self, source: torch.Tensor) -> None:
+        """Attach P built from the training images: as is, or compressed to its top-R subspace."""
+        if self.pixel_rank > 0:
+            source = compress_pixels(source, channel_basis(source, self.n_pixel_channels))
+        self.set_pixel_representation(source)
+
     def set_pixel_representation(self, pixels: torch.Tensor) -> None:
         """Attach P, shaped (1, NC, H, W) (already normalised like the model input)."""
         expected = (1, self.n_pixel_channels, self.image_size, self.image_size)
         if tuple(pixels.shape) != expected:
             raise ModelError(f"pixel representation must be {expected}, got {tuple(pixels.shape)}")
-        self._host_pixels = pixels if pixels.device.type == "cpu" else None
         self.pixel_representation = pixels.to(self.frozen_map.device, self.frozen_map.dtype)
 
     def attention_map(self) -> torch.Tensor:

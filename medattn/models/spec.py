@@ -20,8 +20,11 @@ class ModelSpec:
     class_names: tuple[str, ...] = ()
     in_channels: int = 3
     K: int = 32
-    # NC of seed 001: channels of the pixel representation (training images x channels)
+    # channels the pixel CNN reads: NC of seed 001 (training images x channels), or the rank R
+    # of the compressed pixel representation when pixel_rank > 0
     n_pixel_channels: int = 0
+    # 0: seed 001's P as is; R > 0: P's coordinates in its top-R channel subspace (see global_attention)
+    pixel_rank: int = 0
     # the backbone carries ImageNet weights (GoogLeNet then expects torchvision's input transform);
     # kept here because a bundle is rebuilt without the weights file
     imagenet_pretrained: bool = False

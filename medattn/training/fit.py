@@ -151,6 +151,7 @@ def build_spec(model_params: ModelParams, class_names: list[str], train: Labelle
         class_names=tuple(class_names),
         in_channels=c,
         K=model_params.K,
+        pixel_rank=model_params.pixel_rank,
         imagenet_pretrained=model_params.pretrained_weights is not None,
     )
     return spec_for_training(spec, train.images)
