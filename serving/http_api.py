@@ -3,7 +3,7 @@
 FastAPI (rather than ``@bentoml.api`` routes) gives full control of status codes, headers
 (``Authorization``, ``Idempotency-Key``, ``Location``) and error bodies, while BentoML still owns
 the process, ``/livez``, ``/readyz``, ``/metrics`` and the model runner. Routes parse the request
-and format the answer; :class:`serving.backend.ServingBackend` does the work.
+and format the answer; :class:`medattn.serving.backend.ServingBackend` does the work.
 
 Every error is ``{"error": "<HTTP reason>", "detail": "<one line saying what is wrong>"}``: client
 mistakes are 4xx, an unavailable model 503, and only a bug is a 500 (logged with its traceback).
@@ -32,7 +32,7 @@ from medattn.feedback.store import MAX_PAGE
 from medattn.serving import metrics
 from medattn.serving.imaging import ACCEPTED_CONTENT_TYPES, ImageRejected, normalize_content_type
 from serving import openapi_docs as docs
-from serving.backend import HttpProblem, ServingBackend, Upload, http_status_of
+from medattn.serving.backend import HttpProblem, ServingBackend, Upload, http_status_of
 
 log = logging.getLogger("medattn.serving")
 

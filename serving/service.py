@@ -35,7 +35,7 @@ import torch
 from medattn.serving import metrics
 from medattn.serving.inference import ChampionSlot
 from medattn.serving.settings import ServingSettings
-from serving.backend import HttpProblem, ServingBackend
+from medattn.serving.backend import HttpProblem, ServingBackend
 from serving.http_api import app
 
 log = logging.getLogger("medattn.serving")
@@ -146,7 +146,7 @@ class ModelRunner:
 
 
 class RunnerClient:
-    """The runner dependency as :class:`serving.backend.ModelClient`: async calls, transport retries.
+    """The runner dependency as :class:`medattn.serving.backend.ModelClient`: async calls, transport retries.
 
     BentoML 1.4's client replaces its HTTP session every 100 calls and closes the old one even
     while other calls are still using it, which fails them with "Server disconnected". Every
