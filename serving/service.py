@@ -6,8 +6,8 @@ Two services, two processes:
   :mod:`medattn.serving.settings`) and answers ``infer`` with adaptive batching: concurrent
   requests are merged into one forward pass. It follows the alias on its own (every
   ``MEDATTN_POLL_SECONDS``) and on ``reload``; its ``/readyz`` is 503 until a model is loaded.
-- :class:`MedattnService` is the HTTP entry point: the FastAPI app of :mod:`serving.http_api`
-  (predict, feedback, admin routes) mounted into BentoML, which keeps ``/livez``, ``/readyz``
+- :class:`MedattnService` is the HTTP entry point: the FastAPI app of :mod:`serving.app`
+  (one router per concern: predict, feedback, admin) mounted into BentoML, which keeps ``/livez``, ``/readyz``
   (ready once the runner has a model) and ``/metrics`` (BentoML's request metrics + medattn's).
   It reaches the runner through ``bentoml.depends``: a service never calls its own batched API.
 
@@ -36,7 +36,8 @@ from medattn.serving import metrics
 from medattn.serving.inference import ChampionSlot
 from medattn.serving.settings import ServingSettings
 from medattn.serving.backend import HttpProblem, ServingBackend
-from serving.http_api import app
+from serving.app import app
+from serving.http_errors import JsonRoutingErrors
 
 log = logging.getLogger("medattn.serving")
 
@@ -214,3 +215,8 @@ class MedattnService:
     @bentoml.on_shutdown
     def close_store(self) -> None:
         self.backend.close()
+
+
+# Requests no route matches are answered by BentoML's own router, in plain text; this gives them
+# the JSON error body of every other error.
+MedattnService.add_asgi_middleware(JsonRoutingErrors)
