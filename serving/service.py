@@ -32,6 +32,7 @@ import bentoml
 import numpy as np
 import torch
 
+from medattn.errors import first_line
 from medattn.serving import metrics
 from medattn.serving.inference import ChampionSlot
 from medattn.serving.settings import ServingSettings
@@ -57,11 +58,6 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 # runner_connection: BentoML's client to this service otherwise swaps its HTTP session every 100
@@ -102,7 +98,7 @@ class ModelRunner:
         try:
             changed = await anyio.to_thread.run_sync(self._refresh)
         except Exception as exc:  # noqa: BLE001 - reported to the admin who asked, and logged
-            return {"error": _one_line(exc)}
+            return {"error": first_line(exc)}
         return {"changed": changed, **(await self.status())}
 
     @bentoml.api
@@ -181,11 +177,11 @@ class RunnerClient:
                 raise HttpProblem(503, "model runner did not answer in time; retry shortly") from None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 if attempt == self.ATTEMPTS:
-                    log.warning("model runner unreachable for %s: %s", method, _one_line(exc))
+                    log.warning("model runner unreachable for %s: %s", method, first_line(exc))
                     raise HttpProblem(503, "model runner is unreachable (restarting?); retry shortly") from None
             except BentoMLException as exc:
                 # The batcher sheds requests that waited past max_latency_ms with a 503.
-                log.warning("model runner refused %s: %s", method, _one_line(exc)[:200])
+                log.warning("model runner refused %s: %s", method, first_line(exc)[:200])
                 raise HttpProblem(503, "model runner is overloaded; retry shortly") from None
         raise AssertionError("unreachable")
 
