@@ -104,21 +104,25 @@ class _Model(BaseModel):
 
 
 class _RoiBase(_Model):
-    """What every ROI shape answers: its pixel mask on an image, and why it does not fit one."""
+    """What every ROI shape answers: its pixel mask on an image, and why it does not fit one.
 
-    kind: RoiKind
+    Both take the image size in array order (height, width), as the mask's shape is. The fields
+    (``shape`` first, then ``kind``) are declared by each shape, which keeps them in that order
+    in the published JSON schema.
+    """
 
     def rasterize(self, height: int, width: int) -> np.ndarray:
         """Boolean (height, width) mask of the image pixels this ROI covers."""
         raise NotImplementedError
 
-    def outside(self, width: int, height: int) -> Optional[str]:
-        """Why the ROI does not fit a ``width`` x ``height`` image, or None when it does."""
+    def outside(self, height: int, width: int) -> Optional[str]:
+        """Why the ROI does not fit an image of ``height`` x ``width`` pixels, or None when it does."""
         raise NotImplementedError
 
 
 class RectangleRoi(_RoiBase):
     shape: Literal["rectangle"]
+    kind: RoiKind
     x: float
     y: float
     width: float
@@ -133,7 +137,7 @@ class RectangleRoi(_RoiBase):
     def rasterize(self, height: int, width: int) -> np.ndarray:
         return rasterize.rectangle_mask(self.x, self.y, self.width, self.height, width, height)
 
-    def outside(self, width: int, height: int) -> Optional[str]:
+    def outside(self, height: int, width: int) -> Optional[str]:
         # x + width is computed: allow float rounding (20.000000000000004) at the far edge.
         if self.x < 0 or self.y < 0 or self.x + self.width > width + 1e-6 or self.y + self.height > height + 1e-6:
             return (f"x={self.x:g}, y={self.y:g}, width={self.width:g}, height={self.height:g} "
@@ -143,6 +147,7 @@ class RectangleRoi(_RoiBase):
 
 class PolygonRoi(_RoiBase):
     shape: Literal["polygon"]
+    kind: RoiKind
     points: list[tuple[float, float]] = Field(max_length=MAX_POLYGON_POINTS)
 
     @field_validator("points")
@@ -161,7 +166,7 @@ class PolygonRoi(_RoiBase):
     def rasterize(self, height: int, width: int) -> np.ndarray:
         return rasterize.polygon_mask(self.points, width, height)
 
-    def outside(self, width: int, height: int) -> Optional[str]:
+    def outside(self, height: int, width: int) -> Optional[str]:
         for n, (x, y) in enumerate(self.points):
             if not (0 <= x <= width and 0 <= y <= height):
                 return f"point {n} ({x:g}, {y:g}) lies outside the {width}x{height} image"
@@ -183,6 +188,7 @@ class RunLengthMask(_Model):
 
 class BrushRoi(_RoiBase):
     shape: Literal["brush"]
+    kind: RoiKind
     mask_png_base64: Optional[str] = Field(default=None, max_length=MAX_MASK_PNG_BASE64_CHARS)
     rle: Optional[RunLengthMask] = None
     _mask: Optional[np.ndarray] = PrivateAttr(default=None)
@@ -207,12 +213,12 @@ class BrushRoi(_RoiBase):
         return self._mask
 
     def rasterize(self, height: int, width: int) -> np.ndarray:
-        problem = self.outside(width, height)
+        problem = self.outside(height=height, width=width)
         if problem is not None:
             raise InvalidFeedback(f"brush {problem}")
         return self.mask()
 
-    def outside(self, width: int, height: int) -> Optional[str]:
+    def outside(self, height: int, width: int) -> Optional[str]:
         mask_h, mask_w = self.mask().shape
         if (mask_w, mask_h) != (width, height):
             return f"mask is {mask_w}x{mask_h} but the image is {width}x{height}"
@@ -259,10 +265,10 @@ class FeedbackSubmission(_Model):
 
 
 def _roi_problem(roi: Roi, width: int, height: int) -> Optional[str]:
-    problem = roi.outside(width, height)
+    problem = roi.outside(height=height, width=width)
     if problem is not None:
         return problem
-    if not roi.rasterize(height, width).any():
+    if not roi.rasterize(height=height, width=width).any():
         return "covers no pixel centre (draw a larger region)" if roi.shape != "brush" else "paints no pixel"
     return None
 
@@ -271,7 +277,7 @@ def feedback_map(rois: Sequence[Roi], width: int, height: int) -> np.ndarray:
     """uint8 (height, width) map: RELEVANT / IRRELEVANT inside ROIs (later ones win), UNTOUCHED elsewhere."""
     out = np.full((height, width), UNTOUCHED, dtype=np.uint8)
     for roi in rois:
-        out[roi.rasterize(height, width)] = RELEVANT if roi.kind == "relevant" else IRRELEVANT
+        out[roi.rasterize(height=height, width=width)] = RELEVANT if roi.kind == "relevant" else IRRELEVANT
     return out
 
 
