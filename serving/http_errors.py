@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, MutableMapping, Optional
+from typing import Any, Awaitable, Callable, Mapping, MutableMapping, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,10 +39,12 @@ def error_body(status: int, detail: str) -> dict[str, str]:
     return {"error": HTTPStatus(status).phrase.lower(), "detail": detail}
 
 
-def error_response(status: int, detail: str, endpoint: str = "", error_type: str = "") -> JSONResponse:
+def error_response(status: int, detail: str, endpoint: str = "", error_type: str = "",
+                   headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
     if endpoint:
         metrics.record_error(endpoint=endpoint, http_status=status, error_type=error_type or "HTTPError")
-    return JSONResponse(error_body(status, detail), status_code=status, headers=_STATUS_HEADERS.get(status))
+    return JSONResponse(error_body(status, detail), status_code=status,
+                        headers={**_STATUS_HEADERS.get(status, {}), **(headers or {})})
 
 
 def _endpoint(request: Request) -> str:
@@ -68,7 +70,11 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), _endpoint(request), "HTTPException")
+    headers = dict(exc.headers or {})  # a 405 carries the Allow header
+    detail = str(exc.detail)
+    if detail == HTTPStatus(exc.status_code).phrase:  # Starlette's routing errors say no more than this
+        detail = routing_error_detail(exc.status_code, request.method, request.url.path, headers.get("Allow"))
+    return error_response(exc.status_code, detail, _endpoint(request), "HTTPException", headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -201,7 +201,9 @@ def test_unknown_paths_and_wrong_methods_get_the_json_error_body(client, service
     assert_error(client.get("/no/such/route", headers=service.headers("admin")), 404, "/no/such/route")
     assert_error(client.post("/predictions"), 404, "/predictions")
     # A wrong method on a medattn route and on one of BentoML's own routes.
-    assert_error(client.get("/predict", headers=service.headers("predict")), 405, "GET", "/predict")
+    on_predict = client.get("/predict", headers=service.headers("predict"))
+    assert_error(on_predict, 405, "GET", "/predict")
+    assert on_predict.headers["allow"] == "POST"
     on_livez = client.post("/livez")
     assert_error(on_livez, 405, "POST", "/livez")
     assert "GET" in on_livez.headers["allow"]

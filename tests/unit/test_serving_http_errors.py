@@ -75,8 +75,10 @@ def test_wrong_method_on_the_outer_routers_route_is_a_json_405_with_allow(client
     assert int(response.headers["content-length"]) == len(response.content)
 
 
-def test_wrong_method_on_a_mounted_route_is_a_json_405(client: TestClient) -> None:
-    assert_error_body(client.get("/reload"), 405)
+def test_wrong_method_on_a_mounted_route_is_a_json_405_with_allow(client: TestClient) -> None:
+    response = client.get("/reload")
+    assert_error_body(response, 405, "GET", "/reload", "POST")
+    assert response.headers["allow"] == "POST"
 
 
 def test_route_errors_pass_through_with_their_own_detail(client: TestClient) -> None:
