@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -36,6 +37,10 @@ import numpy as np
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The server launcher is a test harness (tests/server_process.py), not library code: import it
+# from the checkout, however this script is started.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ class Server:
 
     def __init__(self, workdir: Path, tracking_uri: str, model_name: str, port: int,
                  extra_env: dict[str, str] | None = None) -> None:
-        from medattn.serving.process import ServerProcess
+        from tests.server_process import ServerProcess
 
         self.token = secrets.token_urlsafe(24)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDATTN_", "BENTOML_"))}

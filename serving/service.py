@@ -6,8 +6,8 @@ Two services, two processes:
   :mod:`medattn.serving.settings`) and answers ``infer`` with adaptive batching: concurrent
   requests are merged into one forward pass. It follows the alias on its own (every
   ``MEDATTN_POLL_SECONDS``) and on ``reload``; its ``/readyz`` is 503 until a model is loaded.
-- :class:`MedattnService` is the HTTP entry point: the FastAPI app of :mod:`serving.http_api`
-  (predict, feedback, admin routes) mounted into BentoML, which keeps ``/livez``, ``/readyz``
+- :class:`MedattnService` is the HTTP entry point: the FastAPI app of :mod:`serving.app`
+  (one router per concern: predict, feedback, admin) mounted into BentoML, which keeps ``/livez``, ``/readyz``
   (ready once the runner has a model) and ``/metrics`` (BentoML's request metrics + medattn's).
   It reaches the runner through ``bentoml.depends``: a service never calls its own batched API.
 
@@ -32,11 +32,13 @@ import bentoml
 import numpy as np
 import torch
 
+from medattn.errors import first_line
 from medattn.serving import metrics
 from medattn.serving.inference import ChampionSlot
 from medattn.serving.settings import ServingSettings
-from serving.backend import HttpProblem, ServingBackend
-from serving.http_api import app
+from medattn.serving.backend import HttpProblem, ServingBackend
+from serving.app import app
+from serving.http_errors import JsonRoutingErrors
 
 log = logging.getLogger("medattn.serving")
 
@@ -56,11 +58,6 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 # runner_connection: BentoML's client to this service otherwise swaps its HTTP session every 100
@@ -101,7 +98,7 @@ class ModelRunner:
         try:
             changed = await anyio.to_thread.run_sync(self._refresh)
         except Exception as exc:  # noqa: BLE001 - reported to the admin who asked, and logged
-            return {"error": _one_line(exc)}
+            return {"error": first_line(exc)}
         return {"changed": changed, **(await self.status())}
 
     @bentoml.api
@@ -146,7 +143,7 @@ class ModelRunner:
 
 
 class RunnerClient:
-    """The runner dependency as :class:`serving.backend.ModelClient`: async calls, transport retries.
+    """The runner dependency as :class:`medattn.serving.backend.ModelClient`: async calls, transport retries.
 
     BentoML 1.4's client replaces its HTTP session every 100 calls and closes the old one even
     while other calls are still using it, which fails them with "Server disconnected". Every
@@ -180,11 +177,11 @@ class RunnerClient:
                 raise HttpProblem(503, "model runner did not answer in time; retry shortly") from None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 if attempt == self.ATTEMPTS:
-                    log.warning("model runner unreachable for %s: %s", method, _one_line(exc))
+                    log.warning("model runner unreachable for %s: %s", method, first_line(exc))
                     raise HttpProblem(503, "model runner is unreachable (restarting?); retry shortly") from None
             except BentoMLException as exc:
                 # The batcher sheds requests that waited past max_latency_ms with a 503.
-                log.warning("model runner refused %s: %s", method, _one_line(exc)[:200])
+                log.warning("model runner refused %s: %s", method, first_line(exc)[:200])
                 raise HttpProblem(503, "model runner is overloaded; retry shortly") from None
         raise AssertionError("unreachable")
 
@@ -214,3 +211,8 @@ class MedattnService:
     @bentoml.on_shutdown
     def close_store(self) -> None:
         self.backend.close()
+
+
+# Requests no route matches are answered by BentoML's own router, in plain text; this gives them
+# the JSON error body of every other error.
+MedattnService.add_asgi_middleware(JsonRoutingErrors)

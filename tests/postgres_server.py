@@ -26,7 +26,7 @@ from typing import Optional
 import psycopg
 import pytest
 
-from medattn.serving.process import free_port
+from tests.server_process import free_port
 
 INSTALL_HINT = "apt-get update && apt-get install -y postgresql"
 _database_numbers = itertools.count()

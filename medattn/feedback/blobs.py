@@ -2,33 +2,23 @@
 
 An image is kept once, under the SHA-256 of its bytes: ``root/ab/cdef...`` (the first two hex
 digits name a sub-folder so no folder grows past 256 entries per level). Writes are crash-safe:
-the bytes go to a temporary file in the target folder, are fsynced, renamed into place with
-``os.replace`` (atomic on POSIX) and the folder is fsynced so the rename itself survives a power
-cut. A reader therefore sees a complete blob or none, and putting the same bytes twice (even
+``medattn.atomic_files`` with ``durable=True`` writes a temporary sibling, fsyncs it, renames it
+into place and fsyncs the folder, so the rename itself survives a power cut. A reader therefore sees a complete blob or none, and putting the same bytes twice (even
 from two processes at once) is harmless.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Union
 
+from medattn.atomic_files import fsync_dir, write_bytes_atomic
 from medattn.feedback.schema import FeedbackNotFound, InvalidFeedback
 
 DEFAULT_BLOB_ROOT = Path(".medattn/blobs")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -58,18 +48,8 @@ class BlobStore:
         folder = target.parent
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(folder.parent)  # the new sub-folder's entry must survive a crash too
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
+            fsync_dir(folder.parent)  # the new sub-folder's entry must survive a crash too
+        write_bytes_atomic(target, data, durable=True)
         return sha256
 
     def get(self, sha256: str) -> bytes:

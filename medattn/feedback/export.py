@@ -5,7 +5,7 @@ Layout of ``out_dir``::
     feedback.jsonl      one record per line, oldest first (created_at, then id), keys sorted
     images/<sha256>.<ext>  the original image bytes, extension from their format (.png, .jpg, ...)
     masks/<id>.png      the record's ROIs rasterised at image size: 255 = relevant,
-                        0 = irrelevant, 128 = untouched (see ``rasterize``)
+                        0 = irrelevant, 128 = untouched (see ``schema.feedback_map``)
     manifest.json       format, counts and the ``since`` filter
 
 Everything is a function of the records alone (no export time, no idempotency keys or retrain
@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,10 +27,10 @@ import typer
 from PIL import Image
 from tqdm import tqdm
 
+from medattn.atomic_files import atomic_dir, write_json_atomic
 from medattn.errors import DataError, ParamError
 from medattn.feedback.blobs import DEFAULT_BLOB_ROOT, BlobStore
-from medattn.feedback.rasterize import feedback_map
-from medattn.feedback.schema import FeedbackNotFound
+from medattn.feedback.schema import FeedbackNotFound, feedback_map
 from medattn.feedback.store import DEFAULT_FEEDBACK_DB_URL, FeedbackStore
 
 EXPORT_FORMAT = "medattn-feedback-export/1"
@@ -103,24 +100,9 @@ def export_snapshot(store: FeedbackStore, blobs: BlobStore, out_dir: Path,
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
                                                       and not (out_dir / "manifest.json").is_file())):
         raise DataError(f"{out_dir} exists and is not a feedback export; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as building:
         manifest = _build(store, blobs, building, since)
-        (building / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n",
-                                                encoding="utf-8")
-        os.chmod(building, 0o755)  # mkdtemp makes it 0700; the export is an ordinary folder
-        if out_dir.exists():
-            # A directory cannot be os.replace'd onto a non-empty one: move the old one aside first.
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, retired / "snapshot")
-            os.replace(building, out_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(building, out_dir)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+        write_json_atomic(building / "manifest.json", manifest, sort_keys=True)
     return out_dir
 
 

@@ -1,4 +1,7 @@
-"""Expert ROIs -> pixel masks, for validation, the export and the feedback loss.
+"""Pixel geometry of expert drawings: rectangle and polygon fill, RLE and PNG mask decoding.
+
+Pure geometry on numbers and arrays, with no knowledge of the feedback schema: each ROI type of
+:mod:`medattn.feedback.schema` rasterises itself with these functions (``roi.rasterize(h, w)``).
 
 Pixel convention (the one the review page draws in): image pixel ``(column i, row j)`` covers
 the square ``[i, i+1) x [j, j+1)`` in image coordinates, so its centre is ``(i + 0.5, j + 0.5)``.
@@ -6,11 +9,6 @@ A rectangle or polygon *covers* a pixel when it contains that centre (half-open 
 right/bottom edge, even-odd rule for polygons). Consequences: a rectangle ``x=2, width=3``
 covers columns 2, 3 and 4; a rectangle and the polygon of its four corners give the same mask;
 two ROIs that share an edge never both cover a pixel.
-
-The combined map written by the export and read by the feedback loss is an 8-bit image:
-``RELEVANT`` (255) where the expert marked the region as relevant, ``IRRELEVANT`` (0) where
-they marked it irrelevant, ``UNTOUCHED`` (128) elsewhere. ROIs are painted in list (drawing)
-order, so a later ROI overrides an earlier one where they overlap.
 """
 
 from __future__ import annotations
@@ -19,17 +17,11 @@ import base64
 import binascii
 import io
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-if TYPE_CHECKING:  # schema imports this module; the types are only needed for annotations
-    from medattn.feedback.schema import Roi
-
-RELEVANT = 255
-IRRELEVANT = 0
-UNTOUCHED = 128
 # A brush PNG from a canvas is anti-aliased: a pixel counts as painted from half opacity up.
 PAINTED_THRESHOLD = 128
 # Guard against decompression bombs: no mask may decode to more pixels than this.
@@ -117,21 +109,22 @@ def strip_data_url(text: str) -> str:
 def open_png_mask(encoded: str) -> Image.Image:
     """Decode base64 (or a data URL) into a PIL image, checking it is a PNG of sane size.
 
-    Raises ``ValueError`` with a one-line reason; the schema adds the ROI index.
+    Raises ``ValueError`` with a one-line reason that reads after the field's name
+    ("... is not valid base64"); the schema adds the field and the ROI index.
     """
     try:
         raw = base64.b64decode(strip_data_url(encoded), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("mask_png_base64 is not valid base64") from None
+        raise ValueError("is not valid base64") from None
     try:
         image = Image.open(io.BytesIO(raw))
     except Exception:  # PIL raises several unrelated types for undecodable bytes
-        raise ValueError("mask_png_base64 does not decode to an image") from None
+        raise ValueError("does not decode to an image") from None
     if image.format != "PNG":
-        raise ValueError(f"mask_png_base64 must be a PNG, got {image.format}")
+        raise ValueError(f"must be a PNG, got {image.format}")
     w, h = image.size
     if w * h > MAX_MASK_PIXELS:
-        raise ValueError(f"brush mask is {w}x{h}, more than {MAX_MASK_PIXELS} pixels")
+        raise ValueError(f"decodes to {w}x{h}, more than {MAX_MASK_PIXELS} pixels")
     return image
 
 
@@ -141,25 +134,5 @@ def png_mask_to_array(image: Image.Image) -> np.ndarray:
         channel = image.getchannel("A") if "A" in image.getbands() else image.convert("L")
         return np.asarray(channel, dtype=np.uint8) >= PAINTED_THRESHOLD
     except Exception:  # truncated or corrupt data only shows up when the pixels are decoded
-        raise ValueError("mask_png_base64 is a damaged PNG") from None
+        raise ValueError("is a damaged PNG") from None
 
-
-def roi_mask(roi: "Roi", image_width: int, image_height: int) -> np.ndarray:
-    """Boolean (H, W) mask of one ROI (any shape) on an image of the given size."""
-    if roi.shape == "rectangle":
-        return rectangle_mask(roi.x, roi.y, roi.width, roi.height, image_width, image_height)
-    if roi.shape == "polygon":
-        return polygon_mask(roi.points, image_width, image_height)
-    mask = roi.mask()
-    if mask.shape != (image_height, image_width):
-        raise ValueError(f"brush mask is {mask.shape[1]}x{mask.shape[0]}, "
-                         f"the image is {image_width}x{image_height}")
-    return mask
-
-
-def feedback_map(rois: Sequence["Roi"], image_width: int, image_height: int) -> np.ndarray:
-    """uint8 (H, W) map: RELEVANT / IRRELEVANT inside ROIs (later ones win), UNTOUCHED elsewhere."""
-    out = np.full((image_height, image_width), UNTOUCHED, dtype=np.uint8)
-    for roi in rois:
-        out[roi_mask(roi, image_width, image_height)] = RELEVANT if roi.kind == "relevant" else IRRELEVANT
-    return out

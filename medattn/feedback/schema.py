@@ -16,6 +16,13 @@ convention and how the RLE counts are read. Parse with :func:`parse_submission` 
 :meth:`FeedbackSubmission.validate_against` once the image size is known; both raise
 :class:`InvalidFeedback` whose one-line message names the field or ``rois[i]`` at fault.
 
+Each ROI type owns its rasterisation (``roi.rasterize(height, width)``, a boolean mask) and its
+bounds check; :mod:`medattn.feedback.rasterize` is the geometry underneath, with no knowledge of
+this schema. :func:`feedback_map` combines a list of ROIs into the 8-bit map that the export writes
+and the feedback loss reads: ``RELEVANT`` (255) where the expert marked the region as relevant,
+``IRRELEVANT`` (0) where they marked it irrelevant, ``UNTOUCHED`` (128) elsewhere. ROIs are painted
+in list (drawing) order, so a later ROI overrides an earlier one where they overlap.
+
 The feedback errors live here, beside the contract they guard; each carries the HTTP status
 the service answers with (``status_code``).
 """
@@ -23,7 +30,7 @@ the service answers with (``status_code``).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
@@ -40,6 +47,11 @@ MAX_NAME_LENGTH = 200
 # Base64 of an 8 MiB PNG; a full-image brush mask compresses far below this.
 MAX_MASK_PNG_BASE64_CHARS = 8 * 1024 * 1024 * 4 // 3 + 64
 MAX_IMAGE_SIDE = 16384
+
+# Values of the combined feedback map (see the module docstring).
+RELEVANT = 255
+IRRELEVANT = 0
+UNTOUCHED = 128
 
 
 class FeedbackError(MedattnError):
@@ -91,7 +103,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, str_strip_whitespace=True)
 
 
-class RectangleRoi(_Model):
+class _RoiBase(_Model):
+    """What every ROI shape answers: its pixel mask on an image, and why it does not fit one.
+
+    Both take the image size in array order (height, width), as the mask's shape is. The fields
+    (``shape`` first, then ``kind``) are declared by each shape, which keeps them in that order
+    in the published JSON schema.
+    """
+
+    def rasterize(self, height: int, width: int) -> np.ndarray:
+        """Boolean (height, width) mask of the image pixels this ROI covers."""
+        raise NotImplementedError
+
+    def outside(self, height: int, width: int) -> Optional[str]:
+        """Why the ROI does not fit an image of ``height`` x ``width`` pixels, or None when it does."""
+        raise NotImplementedError
+
+
+class RectangleRoi(_RoiBase):
     shape: Literal["rectangle"]
     kind: RoiKind
     x: float
@@ -105,8 +134,18 @@ class RectangleRoi(_Model):
             raise ValueError(f"rectangle has zero or negative area (width={self.width:g}, height={self.height:g})")
         return self
 
+    def rasterize(self, height: int, width: int) -> np.ndarray:
+        return rasterize.rectangle_mask(self.x, self.y, self.width, self.height, width, height)
 
-class PolygonRoi(_Model):
+    def outside(self, height: int, width: int) -> Optional[str]:
+        # x + width is computed: allow float rounding (20.000000000000004) at the far edge.
+        if self.x < 0 or self.y < 0 or self.x + self.width > width + 1e-6 or self.y + self.height > height + 1e-6:
+            return (f"x={self.x:g}, y={self.y:g}, width={self.width:g}, height={self.height:g} "
+                    f"reaches outside the {width}x{height} image")
+        return None
+
+
+class PolygonRoi(_RoiBase):
     shape: Literal["polygon"]
     kind: RoiKind
     points: list[tuple[float, float]] = Field(max_length=MAX_POLYGON_POINTS)
@@ -124,6 +163,15 @@ class PolygonRoi(_Model):
             raise ValueError("polygon has zero area (its points are collinear)")
         return points
 
+    def rasterize(self, height: int, width: int) -> np.ndarray:
+        return rasterize.polygon_mask(self.points, width, height)
+
+    def outside(self, height: int, width: int) -> Optional[str]:
+        for n, (x, y) in enumerate(self.points):
+            if not (0 <= x <= width and 0 <= y <= height):
+                return f"point {n} ({x:g}, {y:g}) lies outside the {width}x{height} image"
+        return None
+
 
 class RunLengthMask(_Model):
     width: int = Field(ge=1, le=MAX_IMAGE_SIDE)
@@ -138,7 +186,7 @@ class RunLengthMask(_Model):
         return self
 
 
-class BrushRoi(_Model):
+class BrushRoi(_RoiBase):
     shape: Literal["brush"]
     kind: RoiKind
     mask_png_base64: Optional[str] = Field(default=None, max_length=MAX_MASK_PNG_BASE64_CHARS)
@@ -151,7 +199,10 @@ class BrushRoi(_Model):
             raise ValueError("a brush needs exactly one of mask_png_base64 or rle")
         if self.mask_png_base64 is not None:
             # Decode now so a damaged PNG is a 422 at submission, not a failure at retraining.
-            self._mask = rasterize.png_mask_to_array(rasterize.open_png_mask(self.mask_png_base64))
+            try:
+                self._mask = rasterize.png_mask_to_array(rasterize.open_png_mask(self.mask_png_base64))
+            except ValueError as exc:
+                raise ValueError(f"mask_png_base64 {exc}") from None
         return self
 
     def mask(self) -> np.ndarray:
@@ -160,6 +211,18 @@ class BrushRoi(_Model):
             assert self.rle is not None
             self._mask = rasterize.decode_rle(self.rle.counts, self.rle.width, self.rle.height)
         return self._mask
+
+    def rasterize(self, height: int, width: int) -> np.ndarray:
+        problem = self.outside(height=height, width=width)
+        if problem is not None:
+            raise InvalidFeedback(f"brush {problem}")
+        return self.mask()
+
+    def outside(self, height: int, width: int) -> Optional[str]:
+        mask_h, mask_w = self.mask().shape
+        if (mask_w, mask_h) != (width, height):
+            return f"mask is {mask_w}x{mask_h} but the image is {width}x{height}"
+        return None
 
 
 Roi = Annotated[Union[RectangleRoi, PolygonRoi, BrushRoi], Field(discriminator="shape")]
@@ -202,23 +265,20 @@ class FeedbackSubmission(_Model):
 
 
 def _roi_problem(roi: Roi, width: int, height: int) -> Optional[str]:
-    where = f"the {width}x{height} image"
-    if isinstance(roi, RectangleRoi):
-        # x + width is computed: allow float rounding (20.000000000000004) at the far edge.
-        if roi.x < 0 or roi.y < 0 or roi.x + roi.width > width + 1e-6 or roi.y + roi.height > height + 1e-6:
-            return (f"x={roi.x:g}, y={roi.y:g}, width={roi.width:g}, height={roi.height:g} "
-                    f"reaches outside {where}")
-    elif isinstance(roi, PolygonRoi):
-        for n, (x, y) in enumerate(roi.points):
-            if not (0 <= x <= width and 0 <= y <= height):
-                return f"point {n} ({x:g}, {y:g}) lies outside {where}"
-    else:
-        mask_h, mask_w = roi.mask().shape
-        if (mask_w, mask_h) != (width, height):
-            return f"mask is {mask_w}x{mask_h} but the image is {width}x{height}"
-    if not rasterize.roi_mask(roi, width, height).any():
+    problem = roi.outside(height=height, width=width)
+    if problem is not None:
+        return problem
+    if not roi.rasterize(height=height, width=width).any():
         return "covers no pixel centre (draw a larger region)" if roi.shape != "brush" else "paints no pixel"
     return None
+
+
+def feedback_map(rois: Sequence[Roi], width: int, height: int) -> np.ndarray:
+    """uint8 (height, width) map: RELEVANT / IRRELEVANT inside ROIs (later ones win), UNTOUCHED elsewhere."""
+    out = np.full((height, width), UNTOUCHED, dtype=np.uint8)
+    for roi in rois:
+        out[roi.rasterize(height=height, width=width)] = RELEVANT if roi.kind == "relevant" else IRRELEVANT
+    return out
 
 
 def parse_submission(raw: Union[bytes, str, Mapping[str, Any]]) -> FeedbackSubmission:

@@ -34,6 +34,7 @@ from sqlalchemy import (JSON, Column, DateTime, ForeignKey, Integer, MetaData, S
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 
+from medattn.errors import first_line
 from medattn.feedback.schema import (MAX_NAME_LENGTH, FeedbackConflict, FeedbackNotFound,
                                      FeedbackSubmission, InvalidFeedback, Roi, StoreUnavailable,
                                      UnknownRequest)
@@ -261,7 +262,7 @@ class FeedbackStore:
                 with conn.begin():
                     yield conn
         except OperationalError as exc:
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            reason = first_line(exc.orig if exc.orig is not None else exc)
             raise StoreUnavailable(f"feedback database {self.safe_url}: {reason}") from exc
 
     def _create_schema(self) -> None:

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 import typer
 import yaml
 
-from medattn.errors import MedattnError
+from medattn.errors import MedattnError, first_line
 
 Role = Literal["predict", "expert", "admin"]
 ROLES: tuple[Role, ...] = ("predict", "expert", "admin")  # each one implies those before it
@@ -127,7 +127,7 @@ class Authenticator:
         except OSError as exc:
             raise AuthConfigError(f"{path}: cannot read token file ({exc.strerror})") from None
         except yaml.YAMLError as exc:
-            raise AuthConfigError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+            raise AuthConfigError(f"{path}: not valid YAML/JSON ({first_line(exc)})") from None
         return cls.from_mapping(raw, str(path), open_predict)
 
     @classmethod

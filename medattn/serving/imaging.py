@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medattn.data.preprocess import to_rgb
-from medattn.errors import MedattnError
+from medattn.errors import MedattnError, first_line
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # 50 megapixels: larger than any fundus camera or chest film, far below what would exhaust memory.
@@ -173,7 +173,7 @@ def _decode_with_pil(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
         raise ImageRejected(422, f"upload starts like {fmt} but cannot be read as one") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow's "image file is truncated", broken PNG chunks, bad JPEG markers, ...
-        raise ImageRejected(422, f"{fmt} image is truncated or corrupt: {_first_line(exc)}") from None
+        raise ImageRejected(422, f"{fmt} image is truncated or corrupt: {first_line(exc)}") from None
 
 
 def _decode_dicom(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -183,7 +183,7 @@ def _decode_dicom(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise ImageRejected(422, f"DICOM file cannot be parsed: {_first_line(exc)}") from None
+        raise ImageRejected(422, f"DICOM file cannot be parsed: {first_line(exc)}") from None
     if "PixelData" not in ds:
         raise ImageRejected(422, "DICOM file has no pixel data (PixelData element missing)")
     try:
@@ -199,7 +199,7 @@ def _decode_dicom(data: bytes, limits: ImageLimits) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad/unsupported pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         where = f" (transfer syntax {syntax.name})" if syntax is not None else ""
-        raise ImageRejected(422, f"DICOM pixel data cannot be decoded{where}: {_first_line(exc)}") from None
+        raise ImageRejected(422, f"DICOM pixel data cannot be decoded{where}: {first_line(exc)}") from None
     if pixels.shape[:2] != (rows, columns):
         raise ImageRejected(422, f"DICOM pixel data is {pixels.shape}, expected {rows}x{columns}")
     if pixels.ndim == 2:
@@ -233,7 +233,3 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
         return np.zeros(values.shape, dtype=np.uint8)
     return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__

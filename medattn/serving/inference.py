@@ -33,7 +33,8 @@ from PIL import Image
 from torch import nn
 
 from medattn.data.preprocess import to_model_input
-from medattn.errors import ModelError
+from medattn.devices import resolve_device
+from medattn.errors import ModelError, first_line
 from medattn.models.bundle import load_bundle
 from medattn.models.factory import ModelSpec
 
@@ -82,14 +83,6 @@ class RawPrediction:
         return cls(probabilities=np.asarray(raw["probabilities"], dtype=np.float64),
                    attention=np.asarray(raw["attention"], dtype=np.float32),
                    class_names=tuple(raw["class_names"]), model=ModelRef(**raw["model"]))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} asked for, but CUDA is not available")
-    return torch.device(device)
 
 
 class Predictor:
@@ -235,7 +228,7 @@ class ChampionSlot:
                                                           tracking_uri=self.tracking_uri)
                 self._current = Predictor.from_bundle(bundle_dir, ModelRef(info.name, info.version), self.device)
             except Exception as exc:
-                self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                self.last_error = first_line(exc)
                 raise
             self.last_error = None
             log.info("serving model %s version %s", info.name, info.version)

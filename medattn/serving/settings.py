@@ -21,7 +21,7 @@ MEDATTN_POLL_SECONDS        poll_seconds            30 (how often the champion a
 MEDATTN_MAX_UPLOAD_BYTES    max_upload_bytes        20 MiB per request
 MEDATTN_MAX_IMAGE_PIXELS    max_image_pixels        50 000 000 per image
 MEDATTN_MAX_BATCH_IMAGES    max_batch_images        16 images per /predict_batch
-MEDATTN_DEVICE              device                  cpu (or cuda, cuda:N, auto)
+MEDATTN_DEVICE              device                  cpu (or cuda, cuda:N, auto: ``medattn.devices``)
 MEDATTN_TORCH_THREADS       torch_threads           0 = half the CPU cores (see below)
 ==========================  ======================  ============================================
 
@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import yaml
 
-from medattn.errors import ParamError
+from medattn.devices import resolve_device
+from medattn.errors import ParamError, first_line
 from medattn.serving.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ImageLimits
 
 if TYPE_CHECKING:
@@ -130,8 +131,11 @@ class ServingSettings:
             device=str(raw.get("device", "cpu")),
             torch_threads=_number(raw.get("torch_threads", 0), int, where("torch_threads"), 0),
         )
-        if settings.device not in ("cpu", "cuda", "auto") and not settings.device.startswith("cuda:"):
-            raise ParamError(f"{where('device')} must be cpu, cuda, cuda:N or auto, got {settings.device!r}")
+        try:
+            # Resolved here only to refuse a bad name at start-up; the runner resolves it again.
+            resolve_device(settings.device)
+        except ParamError as exc:
+            raise ParamError(f"{where('device')}: {exc}") from None
         return settings
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,7 +178,7 @@ def _read_config_file(path: Optional[str]) -> Mapping[str, Any]:
     except OSError as exc:
         raise ParamError(f"{CONFIG_FILE_ENV}={path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ParamError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ParamError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, Mapping):
         raise ParamError(f"{path}: expected a mapping of setting names to values")
     known = {f.name for f in dataclasses.fields(ServingSettings)}

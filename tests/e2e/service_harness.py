@@ -2,7 +2,7 @@
 
 :func:`start_served` writes a token file (one token per role: predict, expert, admin), starts
 ``bentoml serve serving.service:MedattnService`` from the repo root on a free loopback port with
-its own state dir and BentoML home (:class:`medattn.serving.process.ServerProcess`, which kills
+its own state dir and BentoML home (:class:`tests.server_process.ServerProcess`, which kills
 the arbiter *and* its workers, so a SIGKILL really stops everything at once; the durability
 test relies on that), and waits for ``/readyz``.
 """
@@ -20,7 +20,7 @@ import torch
 from medattn.models.bundle import save_bundle
 from medattn.models.factory import ModelSpec, create_model
 from medattn.serving.auth import hash_token
-from medattn.serving.process import ServerProcess
+from tests.server_process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "e2e-tiny"

@@ -196,6 +196,23 @@ def test_bad_uploads_are_4xx_with_a_reason(client, service):
     assert_error(client.post("/predict_batch", files=one_bad, headers=service.headers("predict")), 422, "images[1]")
 
 
+def test_unknown_paths_and_wrong_methods_get_the_json_error_body(client, service):
+    # Unknown paths never reach the medattn app: BentoML's router answers them (now in JSON).
+    assert_error(client.get("/no/such/route", headers=service.headers("admin")), 404, "/no/such/route")
+    assert_error(client.post("/predictions"), 404, "/predictions")
+    # A wrong method on a medattn route and on one of BentoML's own routes.
+    on_predict = client.get("/predict", headers=service.headers("predict"))
+    assert_error(on_predict, 405, "GET", "/predict")
+    assert on_predict.headers["allow"] == "POST"
+    on_livez = client.post("/livez")
+    assert_error(on_livez, 405, "POST", "/livez")
+    assert "GET" in on_livez.headers["allow"]
+    # BentoML's pages and the routes' own 404 are unchanged.
+    assert client.get("/docs.json").status_code == 200
+    assert client.get("/").status_code == 200
+    assert_error(client.get(f"/feedback/{'0' * 32}", headers=service.headers("expert")), 404, "no feedback")
+
+
 def test_bad_feedback_is_4xx_and_stores_nothing(client, service):
     request_id = predict(client, service, image_bytes(50, 40)).json()["request_id"]
     expert = service.headers("expert")

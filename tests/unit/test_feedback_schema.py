@@ -13,8 +13,8 @@ from PIL import Image
 
 from medattn.errors import MedattnError
 from medattn.feedback import rasterize
-from medattn.feedback.schema import (MAX_POLYGON_POINTS, MAX_ROIS, FeedbackSubmission, InvalidFeedback,
-                                     parse_submission)
+from medattn.feedback.schema import (IRRELEVANT, MAX_POLYGON_POINTS, MAX_ROIS, RELEVANT, UNTOUCHED,
+                                     FeedbackSubmission, InvalidFeedback, feedback_map, parse_submission)
 
 W, H = 20, 10
 
@@ -167,7 +167,7 @@ def test_brush_png_uses_alpha_when_present_and_grey_otherwise() -> None:
     mask[3:7, 4:12] = True
     for mode in ("L", "RGBA"):
         roi = parse_submission(body(brush_png(mask, mode=mode))).rois[0]
-        assert np.array_equal(rasterize.roi_mask(roi, W, H), mask)
+        assert np.array_equal(roi.rasterize(H, W), mask)
 
 
 def test_rle_round_trip_including_mask_starting_painted() -> None:
@@ -181,9 +181,36 @@ def test_rle_round_trip_including_mask_starting_painted() -> None:
 
 def test_feedback_map_values_and_drawing_order() -> None:
     submission = parse_submission(body(rect(0, 0, 10, 10, kind="relevant"), rect(5, 5, 10, 5, kind="irrelevant")))
-    out = rasterize.feedback_map(submission.rois, W, H)
+    out = feedback_map(submission.rois, W, H)
     assert out.dtype == np.uint8 and out.shape == (H, W)
-    assert out[0, 0] == rasterize.RELEVANT == 255
-    assert out[6, 6] == rasterize.IRRELEVANT == 0  # overlap: the later ROI wins
-    assert out[0, 15] == rasterize.UNTOUCHED == 128
+    assert out[0, 0] == RELEVANT == 255
+    assert out[6, 6] == IRRELEVANT == 0  # overlap: the later ROI wins
+    assert out[0, 15] == UNTOUCHED == 128
     assert set(np.unique(out).tolist()) == {0, 128, 255}
+
+
+def test_each_roi_type_rasterizes_itself_at_the_asked_size() -> None:
+    mask = np.zeros((H, W), bool)
+    mask[3:7, 4:12] = True
+    submission = parse_submission(body(rect(4, 3, 8, 4), poly([[4, 3], [12, 3], [12, 7], [4, 7]]),
+                                       brush_png(mask), brush_rle(mask)))
+    for roi in submission.rois:
+        got = roi.rasterize(H, W)
+        assert got.dtype == bool and got.shape == (H, W), roi.shape
+        assert np.array_equal(got, mask), roi.shape
+    # a rectangle or polygon fits any image; the part outside a smaller one is cut off
+    assert submission.rois[0].rasterize(5, 6).sum() == 2 * 2
+
+
+def test_a_brush_asked_for_another_image_size_is_invalid_feedback() -> None:
+    roi = parse_submission(body(brush_rle(np.ones((H, W), bool)))).rois[0]
+    with pytest.raises(InvalidFeedback, match=f"mask is {W}x{H} but the image is 8x8"):
+        roi.rasterize(8, 8)
+
+
+def test_a_brush_png_of_another_format_names_the_field() -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (W, H), 255).save(buffer, format="JPEG")
+    roi = {"shape": "brush", "kind": "relevant", "mask_png_base64": base64.b64encode(buffer.getvalue()).decode()}
+    with pytest.raises(InvalidFeedback, match=r"rois\[0\] \(brush\): mask_png_base64 must be a PNG, got JPEG"):
+        parse_submission(body(roi))

@@ -51,6 +51,7 @@ def test_variables_override_the_settings_file(repo):
     ("MEDATTN_MAX_UPLOAD_BYTES", "0", ">= 1"),
     ("MEDATTN_OPEN_PREDICT", "maybe", "true or false"),
     ("MEDATTN_DEVICE", "tpu", "cpu, cuda"),
+    ("MEDATTN_DEVICE", "cuda:x", "'cuda:x'"),
 ])
 def test_a_bad_variable_is_named_in_the_error(repo, variable, value, words):
     with pytest.raises(ParamError, match=variable) as info:
@@ -63,3 +64,14 @@ def test_unknown_key_in_the_settings_file_is_refused(repo):
     config.write_text("pol_seconds: 5\n")
     with pytest.raises(ParamError, match="pol_seconds"):
         ServingSettings.from_env({"MEDATTN_SERVING_CONFIG": str(config)}, repo_root=repo)
+
+
+def test_a_cuda_device_without_cuda_is_accepted_and_served_on_the_cpu(repo, monkeypatch):
+    import torch
+
+    from medattn.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = ServingSettings.from_env({"MEDATTN_DEVICE": "cuda:1"}, repo_root=repo)
+    assert settings.device == "cuda:1"
+    assert resolve_device(settings.device) == torch.device("cpu")

@@ -1,9 +1,9 @@
 """A ``bentoml serve`` of the medattn service as a child process: start, wait until ready, stop or kill.
 
-Used by the end-to-end tests and the serving benchmark, and handy for smoke-testing a
-deployment configuration: it runs the same command as ``medattn serve``. BentoML's arbiter
-(circus) gives each worker a session of its own, so stopping means walking the process tree,
-not just signalling the arbiter.
+A test harness, not part of the library: used by the end-to-end tests (``from tests.server_process
+import ServerProcess``; the repo root is on pytest's path) and by ``benchmarks/serving_benchmark.py``.
+It runs the same command as ``medattn serve``. BentoML's arbiter (circus) gives each worker a
+session of its own, so stopping means walking the process tree, not just signalling the arbiter.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What the HTTP routes do, without HTTP: authorise, predict, store feedback, switch models.
 
-The routes in :mod:`serving.http_api` only parse requests and format answers; everything with a
-rule in it is here. The model itself lives in the model-runner service (adaptive batching), which
+The routes (the FastAPI routers under ``serving/``) only parse requests and format answers;
+everything with a rule in it is here, free of BentoML and of HTTP frameworks, so it is importable
+and testable as library code. The model itself lives in the model-runner service (adaptive batching), which
 this code reaches through a :class:`ModelClient` - in production a BentoML dependency proxy.
 
 Errors are raised as :class:`~medattn.errors.MedattnError` subclasses that carry their HTTP status
@@ -15,10 +16,11 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
+from anyio import to_thread
 
 from medattn.errors import MedattnError, RegistryError
 from medattn.feedback.blobs import BlobStore
@@ -101,13 +103,13 @@ class ServingBackend:
 
     async def predict(self, uploads: Sequence[Upload], raw_attention: bool = False) -> list[dict[str, Any]]:
         """Decode, run one batch through the runner, remember each prediction, build the bodies."""
-        decoded = [await run_in_threadpool(self._decode, upload, i, len(uploads)) for i, upload in enumerate(uploads)]
+        decoded = [await to_thread.run_sync(self._decode, upload, i, len(uploads)) for i, upload in enumerate(uploads)]
         outputs = await self._infer([np.asarray(image.image) for image in decoded])
         payloads = []
         for upload, image, output in zip(uploads, decoded, outputs):
             raw = RawPrediction.from_wire(output)
             request_id = uuid.uuid4().hex
-            payloads.append(await run_in_threadpool(self._answer, request_id, upload, image, raw, raw_attention))
+            payloads.append(await to_thread.run_sync(self._answer, request_id, upload, image, raw, raw_attention))
             self.metrics.record_prediction(label=raw.label, model_version=raw.model.version,
                                            confidence=raw.confidence, attention=raw.attention)
             self.metrics.set_serving_model(raw.model.name, raw.model.version)
@@ -214,13 +216,13 @@ class ServingBackend:
     async def promote(self) -> dict[str, Any]:
         from medattn.registry import promote_challenger
 
-        info = await run_in_threadpool(promote_challenger, self.settings.model_name,
-                                       tracking_uri=self.settings.tracking_uri)
+        info = await to_thread.run_sync(partial(promote_challenger, self.settings.model_name,
+                                                tracking_uri=self.settings.tracking_uri))
         return {"champion": info.to_dict(), "reload": await self.reload()}
 
     async def rollback(self) -> dict[str, Any]:
         from medattn.registry import rollback_champion
 
-        info = await run_in_threadpool(rollback_champion, self.settings.model_name,
-                                       tracking_uri=self.settings.tracking_uri)
+        info = await to_thread.run_sync(partial(rollback_champion, self.settings.model_name,
+                                                tracking_uri=self.settings.tracking_uri))
         return {"champion": info.to_dict(), "reload": await self.reload()}
