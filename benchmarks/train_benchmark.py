@@ -17,7 +17,7 @@ import torch
 
 from medattn.models.base import EpochSchedule, LossSettings
 from medattn.models.factory import ModelSpec, create_model, spec_for_training
-from medattn.training.fit import resolve_device
+from medattn.devices import resolve_device
 from medattn.training.losses import total_loss
 
 

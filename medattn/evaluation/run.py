@@ -20,7 +20,7 @@ from medattn.evaluation.figures import attention_overlay_figure, confusion_matri
 from medattn.evaluation.metrics import classification_metrics
 from medattn.evaluation.reports import write_confusion_csv, write_metrics_json, write_per_class_csv
 from medattn.models.bundle import load_bundle
-from medattn.training.fit import resolve_device
+from medattn.devices import resolve_device
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medattn.config import ModelParams, TrainParams
+from medattn.devices import resolve_device
 from medattn.errors import ModelError
 from medattn.models.base import AttentionModel, EpochSchedule, LossSettings
 from medattn.models.factory import ModelSpec, create_model, spec_for_training
@@ -88,15 +89,6 @@ class TrainResult:
     def best_row(self) -> dict[str, float]:
         """The history row of the kept (best validation macro-F1) epoch."""
         return self.history[self.best_epoch - 1] if self.best_epoch else self.history[-1]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; a CUDA request without CUDA falls back to CPU cleanly."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -282,5 +274,5 @@ def _fingerprinted(tp: TrainParams) -> dict:
 
 __all__ = [
     "EpochCallback", "ExtraLoss", "LabelledImages", "TrainResult", "TrainStep", "build_spec",
-    "evaluate_split", "fit", "make_deterministic", "resolve_device", "seed_everything",
+    "evaluate_split", "fit", "make_deterministic", "seed_everything",
 ]

@@ -18,7 +18,8 @@ from medattn.data.preprocess import normalize_tensor
 from medattn.evaluation.figures import global_attention_map_figure, training_curves_figure
 from medattn.evaluation.reports import write_history_csv, write_metrics_json
 from medattn.models.bundle import save_bundle
-from medattn.training.fit import LabelledImages, TrainResult, fit, resolve_device
+from medattn.devices import resolve_device
+from medattn.training.fit import LabelledImages, TrainResult, fit
 from medattn.training.checkpoints import fingerprint
 
 
