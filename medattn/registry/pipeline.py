@@ -20,7 +20,12 @@ from medattn.config import Params
 from medattn.errors import RegistryError
 from medattn.registry.aliases import assign_challenger_and_gate
 from medattn.registry.lookup import DEFAULT_METRIC
-from medattn.registry.registering import BUNDLE_HASH_TAG, bundle_hash, existing_version, log_bundle_model
+from medattn.registry.registering import (
+    BUNDLE_HASH_TAG,
+    bundle_hash,
+    existing_version,
+    log_bundle_model,
+)
 from medattn.registry.runs import log_artifacts, read_run_ref, resumed_run
 
 # Key of the test macro-F1 in the evaluate stage's metrics.json.

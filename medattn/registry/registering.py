@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from medattn.errors import RegistryError
-from medattn.registry._mlflow import ALREADY_EXISTS, client_for, error_code, mlflow_errors
+from medattn.registry._mlflow import (
+    ALREADY_EXISTS,
+    client_for,
+    error_code,
+    mlflow_errors,
+)
 from medattn.registry.location import resolve_tracking_uri
 from medattn.registry.lookup import DEFAULT_METRIC, quoted, version_number
 from medattn.registry.pyfunc import (

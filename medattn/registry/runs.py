@@ -20,7 +20,13 @@ from typing import Any
 
 from medattn.atomic_files import write_json_atomic
 from medattn.errors import RegistryError
-from medattn.registry._mlflow import ALREADY_EXISTS, NOT_FOUND, client_for, error_code, mlflow_errors
+from medattn.registry._mlflow import (
+    ALREADY_EXISTS,
+    NOT_FOUND,
+    client_for,
+    error_code,
+    mlflow_errors,
+)
 from medattn.registry.location import experiment_artifact_location
 
 # MLflow limits (mlflow.utils.validation); copied so importing this module stays cheap.
