@@ -5,8 +5,10 @@ on first use (PEP 562), so asking for a URI does not import MLflow (about a seco
 
 - :mod:`~medattn.registry.location`: tracking URI precedence, repo root (DVC temp-safe), ``mlflow ui``
 - :mod:`~medattn.registry.runs`: one run per pipeline execution, resumed by later stages
-- :mod:`~medattn.registry.versions`: register, gate challenger vs champion, promote, roll back, download
-- :mod:`~medattn.registry.pyfunc`: the pyfunc model wrapping a trained bundle
+- :mod:`~medattn.registry.registering`: log a bundle as a pyfunc model, create a version, content-hash reuse
+- :mod:`~medattn.registry.aliases`: champion/challenger gate, promote, roll back, champion history
+- :mod:`~medattn.registry.lookup`: resolve a version, alias or ``latest``; describe it, download it
+- :mod:`~medattn.registry.pyfunc`: the pyfunc model wrapping a trained bundle (code and requirements it carries)
 - :mod:`~medattn.registry.pipeline`: the register stage (log, register, gate, write the decision)
 """
 
@@ -23,12 +25,15 @@ _EXPORTS = {
     "runs": (
         "RunRef", "ensure_experiment", "start_pipeline_run", "pipeline_run", "resumed_run", "end_run",
         "get_run", "log_params", "log_epoch_metrics", "log_metrics", "log_artifacts",
-        "write_run_ref", "read_run_ref", "write_json_atomic",
+        "write_run_ref", "read_run_ref",
     ),
-    "versions": (
-        "CHAMPION", "CHALLENGER", "HISTORY_TAG", "GateDecision", "ModelVersionInfo", "log_bundle_model",
-        "assign_challenger_and_gate", "promote_challenger", "rollback_champion",
-        "get_model_version_info", "download_model_version",
+    "registering": ("log_bundle_model", "bundle_hash", "existing_version", "BUNDLE_HASH_TAG"),
+    "aliases": (
+        "HISTORY_TAG", "GateDecision", "assign_challenger_and_gate", "promote_challenger", "rollback_champion",
+    ),
+    "lookup": (
+        "CHAMPION", "CHALLENGER", "DEFAULT_METRIC", "ModelVersionInfo", "get_model_version_info",
+        "download_model_version",
     ),
     "pyfunc": ("MedattnPyfunc", "as_image_batch"),
     "pipeline": ("register_bundle",),

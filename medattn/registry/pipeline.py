@@ -4,28 +4,32 @@ Kept here rather than in ``pipelines/register.py`` so that the script stays a th
 argument parser and the logic is unit-tested against a real MLflow.
 
 Re-running the stage for the same weights (say, only an evaluation param changed) must not
-pile up identical versions: each version is tagged with the bundle's content hash and an
-existing version with that hash is gated again instead of registering a copy.
+pile up identical versions: the version already holding the bundle's content hash (see
+:mod:`~medattn.registry.registering`) is gated again instead of registering a copy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from medattn.atomic_files import write_json_atomic
 from medattn.config import Params
 from medattn.errors import RegistryError
-from medattn.models.bundle import SPEC_FILE, WEIGHTS_FILE
-from medattn.registry._mlflow import client_for, mlflow_errors
-from medattn.registry.runs import log_artifacts, read_run_ref, resumed_run, write_json_atomic
-from medattn.registry.versions import DEFAULT_METRIC, assign_challenger_and_gate, log_bundle_model
+from medattn.registry.aliases import assign_challenger_and_gate
+from medattn.registry.lookup import DEFAULT_METRIC
+from medattn.registry.registering import (
+    BUNDLE_HASH_TAG,
+    bundle_hash,
+    existing_version,
+    log_bundle_model,
+)
+from medattn.registry.runs import log_artifacts, read_run_ref, resumed_run
 
 # Key of the test macro-F1 in the evaluate stage's metrics.json.
 EVALUATE_MACRO_F1_KEY = "macro_f1"
-BUNDLE_HASH_TAG = "bundle_sha256"
 
 
 def register_bundle(
@@ -73,26 +77,3 @@ def read_test_macro_f1(metrics_path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RegistryError(f"{metrics_path}: {EVALUATE_MACRO_F1_KEY!r} must be a finite number, got {value!r}")
     return float(value)
-
-
-def bundle_hash(bundle_dir: Path) -> str:
-    """SHA-256 over the bundle's spec and weights: equal hashes mean the same model."""
-    digest = hashlib.sha256()
-    for name in (SPEC_FILE, WEIGHTS_FILE):
-        path = bundle_dir / name
-        if not path.is_file():
-            raise RegistryError(f"{bundle_dir}: not a model bundle (missing {name})")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def existing_version(model_name: str, content_hash: str, tracking_uri: str) -> str | None:
-    """The registered version of ``model_name`` holding exactly this bundle, if any."""
-    client = client_for(tracking_uri)
-    with mlflow_errors(tracking_uri):
-        if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
-            return None
-        for version in client.search_model_versions(f"name = '{model_name}'"):
-            if version.tags.get(BUNDLE_HASH_TAG) == content_hash:
-                return str(version.version)
-    return None

@@ -3,7 +3,9 @@
 The bundle directory (``model.pt`` + ``model_spec.json``) is stored unchanged as the model's
 artifact ``bundle``; loading goes through ``medattn.models.bundle.load_bundle``, imported only
 when a model is actually loaded (torch and the model code stay out of registry imports).
-The model is logged "from code" (:mod:`medattn.registry.pyfunc_entry`) rather than pickled.
+The model is logged "from code" (:mod:`medattn.registry.pyfunc_entry`) rather than pickled,
+and carries a copy of the ``medattn`` package plus exact pins of what that code imports, so
+``mlflow.pyfunc.load_model`` and ``mlflow models serve`` need nothing from this repository.
 """
 
 from __future__ import annotations
@@ -78,19 +80,34 @@ def model_signature():
     )
 
 
-def pip_requirements() -> list[str]:
-    """Pinned from this environment; stating them skips MLflow's slow requirement inference.
+# The distributions the pyfunc itself imports when it loads and predicts (through the medattn
+# code it carries: ``medattn.models`` and ``medattn.data.preprocess``); everything else they
+# need, pillow through torchvision for instance, is their own dependency.
+RUNTIME_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "numpy")
 
-    ``medattn`` itself is listed although it is not on PyPI: the model cannot load without it,
-    and a failing install says so more clearly than an ImportError at load time.
+
+def pip_requirements() -> list[str]:
+    """Exact pins, from this environment, of :data:`RUNTIME_DISTRIBUTIONS`.
+
+    ``medattn`` is deliberately absent: it is on no package index, and the model carries its
+    own copy of the package (:func:`code_paths`), so an environment built from these pins
+    (``mlflow models serve --env-manager virtualenv``, ``mlflow models build-docker``) has
+    everything the model runs. Stating them also skips MLflow's slow requirement inference.
     """
-    pinned = []
-    for dist in ("medattn", "mlflow", "torch", "torchvision", "numpy"):
-        try:
-            pinned.append(f"{dist}=={metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return pinned
+    return [f"{dist}=={metadata.version(dist)}" for dist in RUNTIME_DISTRIBUTIONS]
+
+
+def code_paths() -> list[str]:
+    """The ``medattn`` package that logs the model, copied into it (MLflow's ``code/`` folder).
+
+    MLflow puts that folder first on ``sys.path`` when it loads the model, so in a fresh
+    process (``mlflow models serve``) the model runs the code it was logged with, whatever
+    version of the project is installed, or none; a process that has already imported
+    ``medattn`` keeps its own.
+    """
+    import medattn
+
+    return [str(Path(medattn.__file__).parent)]
 
 
 def check_bundle_dir(bundle_dir: Path) -> None:

@@ -12,15 +12,21 @@ import json
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from medattn.atomic_files import write_json_atomic
 from medattn.errors import RegistryError
-from medattn.registry._mlflow import ALREADY_EXISTS, NOT_FOUND, client_for, error_code, mlflow_errors
+from medattn.registry._mlflow import (
+    ALREADY_EXISTS,
+    NOT_FOUND,
+    client_for,
+    error_code,
+    mlflow_errors,
+)
 from medattn.registry.location import experiment_artifact_location
 
 # MLflow limits (mlflow.utils.validation); copied so importing this module stays cheap.
@@ -224,22 +230,6 @@ def log_artifacts(
 def write_run_ref(path: str | Path, run_id: str, tracking_uri: str) -> Path:
     """Write ``{"run_id", "tracking_uri"}`` to ``path`` atomically."""
     return write_json_atomic(path, asdict(RunRef(run_id, tracking_uri)))
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """JSON to ``path`` via a temp file + os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_run_ref(path: str | Path) -> RunRef:

@@ -285,6 +285,26 @@ def test_registered_version_is_tagged_and_downloads_the_bundle(tracking_uri: str
     assert tuple(logged.signature.inputs.inputs[0].shape) == (-1, -1, -1, -1)
 
 
+def test_logging_a_model_leaves_mlflows_global_uri_and_active_run_alone(
+    tracking_uri: str, bundle: Path, tmp_path: Path, monkeypatch
+):
+    import mlflow
+
+    # Someone else's fluent MLflow work in the same process (a notebook, another thread).
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other_uri)
+    theirs = mlflow.start_run()
+    try:
+        version = _registered(tracking_uri, bundle, "bystander-model", 0.5)
+        assert mlflow.get_tracking_uri() == other_uri
+        assert mlflow.active_run().info.run_id == theirs.info.run_id
+        assert get_run(theirs.info.run_id, other_uri).info.status == "RUNNING"
+        assert mlflow.MlflowClient(other_uri).search_logged_models([theirs.info.experiment_id]) == []
+    finally:
+        mlflow.end_run()
+    assert get_model_version_info("bystander-model", version, tracking_uri=tracking_uri).metric == 0.5
+
+
 def test_unknown_model_alias_or_version_is_a_registry_error(tracking_uri: str, bundle: Path, tmp_path: Path):
     model = "lonely-model"
     _registered(tracking_uri, bundle, model, None)  # no metric, no gate yet: no aliases at all

@@ -1,0 +1,159 @@
+"""The champion/challenger lifecycle: gate a new version, promote it, roll back.
+
+``challenger`` is the newest candidate, ``champion`` is what the HTTP service serves. Every
+change of champion is appended to the registered-model tag ``champion_history`` (a JSON list
+of versions), so a rollback knows where to go even after several promotions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from medattn.errors import RegistryError
+from medattn.registry._mlflow import client_for, mlflow_errors
+from medattn.registry.location import resolve_tracking_uri
+from medattn.registry.lookup import (
+    CHALLENGER,
+    CHAMPION,
+    DEFAULT_METRIC,
+    ModelVersionInfo,
+    alias_or_none,
+    describe,
+    get_alias,
+    get_version,
+    metric_of,
+    version_number,
+    version_or_none,
+)
+
+HISTORY_TAG = "champion_history"
+_HISTORY_KEEP = 100  # entries; plenty for rollbacks, far below MLflow's tag size limit
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What :func:`assign_challenger_and_gate` did, and why (the register stage writes it as JSON)."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    reason: str
+    metric_key: str
+    higher_is_better: bool
+    metric: float | None
+    champion_before: str | None
+    champion_metric: float | None
+    champion_after: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def assign_challenger_and_gate(
+    model_name: str,
+    version: str,
+    metric_key: str = DEFAULT_METRIC,
+    higher_is_better: bool = True,
+    *,
+    tracking_uri: str | None = None,
+) -> GateDecision:
+    """Alias ``version`` as challenger; make it champion unless it is worse than the champion.
+
+    "Worse" compares ``metric_key`` (from the version tag, else its run's metric). A missing
+    champion means promotion; a challenger without the metric stays challenger; a champion
+    without the metric (logged before gating existed) is replaced by a measured challenger.
+    """
+    uri = tracking_uri or resolve_tracking_uri()
+    client = client_for(uri)
+    with mlflow_errors(uri):
+        candidate = get_version(client, model_name, str(version))
+        number = version_number(candidate)
+        champion = alias_or_none(client, model_name, CHAMPION)
+        client.set_registered_model_alias(model_name, CHALLENGER, number)
+        metric = metric_of(client, candidate, metric_key)
+        champion_metric = metric_of(client, champion, metric_key) if champion else None
+        champion_before = version_number(champion) if champion else None
+        promoted, reason = _judge(number, metric, champion_before, champion_metric, metric_key, higher_is_better)
+        if promoted and champion_before != number:
+            _set_champion(client, model_name, number)
+        client.set_model_version_tag(model_name, number, "gate_reason", reason)
+    return GateDecision(
+        model_name=model_name, version=number, promoted=promoted, reason=reason,
+        metric_key=metric_key, higher_is_better=higher_is_better, metric=metric,
+        champion_before=champion_before, champion_metric=champion_metric,
+        champion_after=number if promoted else champion_before,
+    )
+
+
+def promote_challenger(model_name: str, *, tracking_uri: str | None = None) -> ModelVersionInfo:
+    """Make the challenger champion unconditionally (an expert accepted it)."""
+    uri = tracking_uri or resolve_tracking_uri()
+    client = client_for(uri)
+    with mlflow_errors(uri):
+        challenger = version_number(get_alias(client, model_name, CHALLENGER))
+        champion = alias_or_none(client, model_name, CHAMPION)
+        if champion is None or version_number(champion) != challenger:
+            _set_champion(client, model_name, challenger)
+        return describe(client, get_version(client, model_name, challenger), DEFAULT_METRIC)
+
+
+def rollback_champion(model_name: str, *, tracking_uri: str | None = None) -> ModelVersionInfo:
+    """Point champion back at the champion before the current one (per ``champion_history``)."""
+    uri = tracking_uri or resolve_tracking_uri()
+    client = client_for(uri)
+    with mlflow_errors(uri):
+        current = version_number(get_alias(client, model_name, CHAMPION))
+        history = champion_history(client, model_name)
+        while history and history[-1] == current:
+            history.pop()
+        while history and version_or_none(client, model_name, history[-1]) is None:
+            history.pop()  # deleted since it was champion
+        if not history:
+            raise RegistryError(
+                f"registry: model {model_name!r} has no previous champion to roll back to "
+                f"(champion is version {current})"
+            )
+        previous = history[-1]
+        client.set_registered_model_alias(model_name, CHAMPION, previous)
+        client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+        client.set_model_version_tag(model_name, current, "rolled_back", "true")
+        return describe(client, get_version(client, model_name, previous), DEFAULT_METRIC)
+
+
+def champion_history(client, name: str) -> list[str]:
+    """Versions that were champion, oldest first (the current champion last)."""
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+    try:
+        history = json.loads(raw) if raw else []
+    except ValueError:
+        history = []  # hand-edited tag: start over rather than block promotions
+    return [str(v) for v in history] if isinstance(history, list) else []
+
+
+def _judge(
+    version: str, metric: float | None, champion: str | None, champion_metric: float | None,
+    key: str, higher_is_better: bool,
+) -> tuple[bool, str]:
+    """(promote?, the reason in one line)."""
+    if champion is None:
+        return True, f"no champion yet: version {version} becomes champion"
+    if champion == version:
+        return True, f"version {version} is already champion"
+    if metric is None:
+        return False, f"version {version} has no {key}: champion stays version {champion}"
+    if champion_metric is None:
+        return True, f"champion version {champion} has no {key}: version {version} ({metric:.4f}) replaces it"
+    not_worse = metric >= champion_metric if higher_is_better else metric <= champion_metric
+    if not_worse:
+        relation, outcome = (">=" if higher_is_better else "<="), f"version {version} becomes champion"
+    else:
+        relation, outcome = ("<" if higher_is_better else ">"), f"champion stays version {champion}"
+    return not_worse, f"{key} {metric:.4f} {relation} champion's {champion_metric:.4f}: {outcome}"
+
+
+def _set_champion(client, name: str, version: str) -> None:
+    history = [*champion_history(client, name), version][-_HISTORY_KEEP:]
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
