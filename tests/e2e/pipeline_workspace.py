@@ -2,8 +2,9 @@
 
 ``make_workspace(tmp_path)`` copies what ``dvc repro`` needs (dvc.yaml, pipelines/, the DVC
 config, a tiny params.yaml) into a fresh git repo and commits it. ``medattn/`` is copied too
-because dvc.yaml lists its folders as dependencies; the stage scripts still import the
-installed (editable) package, which is this repository's.
+because dvc.yaml lists its folders as dependencies, but the stage scripts import ``medattn``
+from this repository: PYTHONPATH names its root, so a test always runs the checkout it lives
+in, whichever checkout the virtualenv's editable install points at.
 
 Commands run with this virtualenv's ``bin`` first on PATH and no tracking URI in the
 environment, so every stage logs into the workspace's own ``mlflow.db`` (the default).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -82,13 +84,20 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def ran_stages(dvc_stdout: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return set(re.findall(r"Running stage '(\w+)'", dvc_stdout))
+
+
 def stage_env() -> dict[str, str]:
-    """The environment of every command: our virtualenv first, default tracking URI, no telemetry."""
+    """The environment of every command: our virtualenv first, this checkout's medattn, default
+    tracking URI, no telemetry."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MEDATTN_TRACKING_URI", "MLFLOW_TRACKING_URI", "DVC_ROOT", "PYTHONPATH")}
     env.update(_GIT_IDENTITY)
     env.update({
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONPATH": str(REPO_ROOT),
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

@@ -10,7 +10,6 @@ Tiny config (48 images of 32x32, 2 epochs): the whole module takes a few minutes
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from pipeline_workspace import (
     RegistrySnapshot,
     flatten_params,
     make_workspace,
+    ran_stages,
     registry_snapshot,
 )
 
@@ -52,10 +52,6 @@ class Step:
     run_count: int
     decision: dict[str, Any]
     evaluate_metrics: dict[str, Any]
-
-
-def ran_stages(dvc_stdout: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", dvc_stdout))
 
 
 def take_step(workspace: PipelineWorkspace, *dvc_args: str) -> Step:
