@@ -13,20 +13,23 @@ Beside the model stand two baselines from the training split: the majority class
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from medattn.config import Params
-from medattn.data.dataset import class_counts, load_split
+from medattn.data.dataset import SplitTensors, class_counts, load_split
 from medattn.data.preprocess import normalize_tensor
-from medattn.data.dataset import SplitTensors
 from medattn.evaluation.baselines import pixel_logistic_regression
 from medattn.evaluation.faithfulness import attention_faithfulness, lesion_frequency_map
 from medattn.evaluation.figures import attention_overlay_figure, confusion_matrix_figure
 from medattn.evaluation.metrics import classification_metrics
-from medattn.evaluation.reports import write_confusion_csv, write_metrics_json, write_per_class_csv
+from medattn.evaluation.reports import (
+    write_confusion_csv,
+    write_metrics_json,
+    write_per_class_csv,
+)
 from medattn.models.bundle import load_bundle
 from medattn.training.algorithm1 import resolve_device
 
@@ -65,7 +68,7 @@ def overlay_indices(labels: np.ndarray, count: int) -> list[int]:
 
 
 def run_evaluation(params: Params, bundle_dir: Path, dataset_dir: Path, out_dir: Path,
-                   run_ref: Optional[Any] = None) -> dict[str, Any]:
+                   run_ref: Any | None = None) -> dict[str, Any]:
     """Score the bundle on the test split; write reports under ``out_dir``; log to MLflow when a run is given."""
     device = resolve_device(params.train.device)
     model, spec = load_bundle(bundle_dir, device)
@@ -110,7 +113,7 @@ def run_evaluation(params: Params, bundle_dir: Path, dataset_dir: Path, out_dir:
     return metrics
 
 
-def training_lesion_prior(train: SplitTensors) -> Optional[np.ndarray]:
+def training_lesion_prior(train: SplitTensors) -> np.ndarray | None:
     """The training split's lesion-frequency map (H, W), or None when no training image has a mask."""
     has_mask = train.has_mask.numpy()
     if not has_mask.any():

@@ -19,9 +19,10 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -125,7 +126,7 @@ class PipelineWorkspace:
 
     def run(self, *command: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run ``command`` in the workspace; with ``check`` a non-zero exit fails with its output."""
-        result = subprocess.run(command, cwd=self.root, env=stage_env(), capture_output=True, text=True,
+        result = subprocess.run(command, check=False, cwd=self.root, env=stage_env(), capture_output=True, text=True,
                                 timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"

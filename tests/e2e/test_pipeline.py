@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from pipeline_workspace import (
     MODEL_NAME,
     STAGES,

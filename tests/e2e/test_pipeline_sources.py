@@ -19,9 +19,20 @@ from typing import Any
 import pandas as pd
 import pytest
 from PIL import Image
+from pipeline_workspace import (
+    MODEL_NAME,
+    STAGES,
+    make_workspace,
+    ran_stages,
+    tiny_params,
+)
 
-from pipeline_workspace import MODEL_NAME, STAGES, make_workspace, ran_stages, tiny_params
-from tests.fixtures.real_layouts import make_idrid, make_imagefolder, make_jaffe, make_malaria
+from tests.fixtures.real_layouts import (
+    make_idrid,
+    make_imagefolder,
+    make_jaffe,
+    make_malaria,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from medattn.errors import DataError
-from medattn.evaluation.baselines import LOGREG_C_GRID, LOGREG_DEFAULT_C, pixel_logistic_regression
+from medattn.evaluation.baselines import (
+    LOGREG_C_GRID,
+    LOGREG_DEFAULT_C,
+    pixel_logistic_regression,
+)
 
 
 def patch_images(labels: np.ndarray, side: int, seed: int, channels: int = 3) -> np.ndarray:
