@@ -16,7 +16,17 @@ where the model should look; those images get NaN and are left out of every mean
 
 Attention may be given per image (N, H, W), with a channel axis (N, 1, H, W) as the model
 contract returns it, or once for all images ((H, W), (1, H, W) or (1, 1, H, W)): a global
-spatial map (seed 001) is the same for every image and is broadcast without copying.
+spatial map (seed 001) is the same for every image, is ranked once and is broadcast against
+the masks by numpy, never copied N times.
+
+A global map has a second, stronger reference than the uniform map: the **lesion-frequency
+prior**, the share of training images with a lesion at each pixel. It is the best
+image-independent map one could draw from the training masks alone, so a global attention map
+that merely matches it has learnt where lesions *usually* are, nothing more;
+``attention_faithfulness(..., prior=lesion_frequency_map(train_masks))`` reports both.
+
+No image with a mask (every real source: none ships lesion masks for its grading task) means
+faithfulness cannot be measured: the summary says ``available: False`` and holds no scores.
 """
 
 from __future__ import annotations
@@ -75,47 +85,93 @@ def chance_topk_iou(masks: np.ndarray, k_percent: float) -> np.ndarray:
     return np.where(area > 0, expected_hits / (k + area - expected_hits), np.nan)
 
 
+SCORE_KEYS = (
+    "mass_inside_model",
+    "mass_inside_uniform",
+    "mass_inside_ratio",
+    "topk_iou_model",
+    "topk_iou_chance",
+    "topk_iou_ratio",
+)
+PRIOR_SCORE_KEYS = (
+    "mass_inside_prior",
+    "mass_inside_model_over_prior",
+    "topk_iou_prior",
+    "topk_iou_model_over_prior",
+)
+
+
+def lesion_frequency_map(masks: np.ndarray) -> np.ndarray:
+    """(H, W) share of the given (training) masks with a lesion at each pixel.
+
+    Pass the masks of every image that *has* a mask, empty ones included: a healthy image
+    with a known-empty mask says lesions were not there. Raises DataError without masks.
+    """
+    lesion = _as_masks(masks)
+    if lesion.shape[0] == 0:
+        raise DataError("a lesion-frequency map needs at least one mask, got none")
+    return lesion.mean(axis=0, dtype=np.float64)
+
+
 def attention_faithfulness(
-    attention: np.ndarray, masks: np.ndarray, k_percent: float
+    attention: np.ndarray,
+    masks: np.ndarray,
+    k_percent: float,
+    prior: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mean faithfulness scores over the images with a non-empty mask.
 
-    Keys: ``n_images_with_mask``, ``topk_percent``, ``mass_inside_model``,
-    ``mass_inside_uniform``, ``mass_inside_ratio`` (model / uniform: 1 = chance, higher is
-    better), ``topk_iou_model``, ``topk_iou_chance`` and ``topk_iou_ratio``. Means are None when
-    no image has a mask (e.g. a dataset without segmentations).
+    Keys: ``available`` (False when no image has a mask: then every score is None),
+    ``n_images_with_mask``, ``topk_percent``, ``mass_inside_model``, ``mass_inside_uniform``,
+    ``mass_inside_ratio`` (model / uniform: 1 = chance, higher is better), ``topk_iou_model``,
+    ``topk_iou_chance`` and ``topk_iou_ratio``. With an image-independent ``prior`` map (H, W)
+    (see :func:`lesion_frequency_map`) also ``mass_inside_prior``, ``topk_iou_prior`` and the
+    ratios ``mass_inside_model_over_prior`` and ``topk_iou_model_over_prior`` (1 = the model's
+    attention is as good as the prior; None where the prior scores 0).
     """
-    model_mass = attention_mass_inside(attention, masks)
-    uniform_mass = uniform_mass_inside(masks)
-    model_iou = topk_iou(attention, masks, k_percent)
-    chance_iou = chance_topk_iou(masks, k_percent)
-    scored = ~np.isnan(uniform_mass)
+    topk_count(1, k_percent)  # a bad evaluate.topk_percent is reported even without masks
+    att, lesion = _aligned(attention, masks)  # so are bad shapes
+    scored = lesion.any(axis=(1, 2))
     result: dict[str, Any] = {
+        "available": bool(scored.any()),
         "n_images_with_mask": int(scored.sum()),
         "topk_percent": float(k_percent),
     }
+    keys = SCORE_KEYS + (PRIOR_SCORE_KEYS if prior is not None else ())
     if not scored.any():
-        for key in (
-            "mass_inside_model",
-            "mass_inside_uniform",
-            "mass_inside_ratio",
-            "topk_iou_model",
-            "topk_iou_chance",
-            "topk_iou_ratio",
-        ):
-            result[key] = None
-        return result
-    mass_model, mass_uniform = float(model_mass[scored].mean()), float(uniform_mass[scored].mean())
-    iou_model, iou_chance = float(model_iou[scored].mean()), float(chance_iou[scored].mean())
+        return {**result, **dict.fromkeys(keys)}
+    lesion = lesion[scored]
+    att = att[scored] if att.shape[0] > 1 else att  # a global map stays one map
+    mass_model = _mean(attention_mass_inside(att, lesion))
+    mass_uniform = _mean(uniform_mass_inside(lesion))
+    iou_model = _mean(topk_iou(att, lesion, k_percent))
+    iou_chance = _mean(chance_topk_iou(lesion, k_percent))
     result.update(
         mass_inside_model=mass_model,
         mass_inside_uniform=mass_uniform,
         mass_inside_ratio=mass_model / mass_uniform,
         topk_iou_model=iou_model,
         topk_iou_chance=iou_chance,
-        topk_iou_ratio=iou_model / iou_chance if iou_chance > 0 else None,
+        topk_iou_ratio=_ratio(iou_model, iou_chance),
     )
+    if prior is not None:
+        mass_prior = _mean(attention_mass_inside(prior, lesion))
+        iou_prior = _mean(topk_iou(prior, lesion, k_percent))
+        result.update(
+            mass_inside_prior=mass_prior,
+            mass_inside_model_over_prior=_ratio(mass_model, mass_prior),
+            topk_iou_prior=iou_prior,
+            topk_iou_model_over_prior=_ratio(iou_model, iou_prior),
+        )
     return result
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values))
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator > 0 else None
 
 
 def topk_count(pixels: int, k_percent: float) -> int:
@@ -127,9 +183,9 @@ def topk_count(pixels: int, k_percent: float) -> int:
 
 
 def _kth_largest(att: np.ndarray, k: int) -> np.ndarray:
-    """The k-th largest value of each (H, W) map, (N', 1, 1); a broadcast global map is ranked once."""
-    if att.strides[0] == 0:
-        return np.broadcast_to(_kth_largest(att[:1].copy(), k), (att.shape[0], 1, 1))
+    """The k-th largest value of each of the M (H, W) maps, (M, 1, 1); M is 1 for a global map."""
+    if att.shape[0] == 0:
+        return np.empty((0, 1, 1))
     flat = att.reshape(att.shape[0], -1)
     return -np.partition(-flat, k - 1, axis=1)[:, k - 1].reshape(-1, 1, 1)
 
@@ -140,7 +196,8 @@ def _topk_split(att: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     threshold = _kth_largest(att, k)
     above = att > threshold
     tied = att == threshold
-    share = (k - above.sum(axis=(1, 2))) / tied.sum(axis=(1, 2))
+    # the k-th value itself is always tied, so no division by zero for a non-empty map
+    share = (k - above.sum(axis=(1, 2))) / np.maximum(tied.sum(axis=(1, 2)), 1)
     return above, tied, share
 
 
@@ -151,11 +208,18 @@ def _as_masks(masks: np.ndarray) -> np.ndarray:
         array = array[:, 0]
     if array.ndim != 3:
         raise DataError(f"masks must have shape (N, H, W), got {array.shape}")
+    if array.shape[1] == 0 or array.shape[2] == 0:
+        raise DataError(f"masks of shape {array.shape} have no pixels")
     return array.astype(bool, copy=False)
 
 
 def _aligned(attention: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Attention as float64 (N, H, W) (broadcast view when global) next to the (N, H, W) masks."""
+    """Attention as float64 (N, H, W), or (1, H, W) for a global map, next to the (N, H, W) masks.
+
+    A global map stays one map: every score broadcasts it against the masks (numpy rules), so
+    it is ranked once, not N times. (Testing a broadcast view by its strides is no way to tell:
+    numpy also gives a zero stride to any axis of length 0 or 1.)
+    """
     lesion = _as_masks(masks)
     att = np.asarray(attention, dtype=np.float64)
     if att.ndim == 4 and att.shape[1] == 1:
@@ -173,4 +237,4 @@ def _aligned(attention: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.n
         )
     if not np.isfinite(att).all() or (att < 0).any():
         raise DataError("attention maps must be finite and non-negative (the contract is [0, 1])")
-    return np.broadcast_to(att, lesion.shape), lesion
+    return att, lesion

@@ -24,8 +24,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from medattn.atomic_files import atomic_path
 from medattn.errors import DataError
-from medattn.evaluation.reports import atomic_output
 
 DPI = 100
 PANEL_INCHES = 2.6  # one image panel of the overlay grid
@@ -299,7 +299,7 @@ def training_curves_figure(
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    with atomic_output(path) as temp:
+    with atomic_path(path) as temp:
         fig.savefig(temp, format="png", dpi=DPI)
     return Path(path)
 

@@ -7,8 +7,8 @@
 * ``history.csv``: one row per epoch, for the ``linear`` template (x: epoch).
 * ``per_class.csv``: class, precision, recall, f1, support.
 
-Every file is written to a temporary sibling and moved into place with ``os.replace``, so a
-crash never leaves a half-written file where DVC (or a reader) would pick it up.
+Every file is written with :mod:`medattn.atomic_files` (a temporary sibling renamed into
+place), so a crash never leaves a half-written file where DVC (or a reader) would pick it up.
 """
 
 from __future__ import annotations
@@ -18,37 +18,18 @@ import io
 import json
 import math
 import numbers
-import os
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medattn.atomic_files import atomic_path, write_text_atomic
 from medattn.errors import DataError
 
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
 
 
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the final file; a unique name is enough here.
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield temp
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
-    with atomic_output(path) as temp:
-        temp.write_text(text, encoding="utf-8")
-    return Path(path)
+# The old name of medattn.atomic_files.atomic_path, still imported by tests/unit/test_metrics.py.
+atomic_output = atomic_path
 
 
 def numeric_leaves(metrics: Mapping[str, Any]) -> dict[str, Any]:

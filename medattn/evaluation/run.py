@@ -1,24 +1,35 @@
 """The evaluate stage: a model bundle on the test split -> metrics, faithfulness, figures.
 
 Faithfulness compares the model's attention with the ground-truth lesion masks (embedded
-synthetic set; any dataset with masks) against a uniform map: does the model look at lesions?
+synthetic set; any dataset with masks) against a uniform map and against the training
+split's lesion-frequency map (the best image-independent map): does the model look at
+lesions, and at *this image's* lesions? Without a masked test image (every real source) it is
+reported as absent (``attention.available: false``), not computed.
+
+Beside the model stand two baselines from the training split: the majority class and seed
+001's logistic regression on raw pixels (``baseline.pixel_logreg_*``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from medattn.config import Params
-from medattn.data.dataset import class_counts, load_split
+from medattn.data.dataset import SplitTensors, class_counts, load_split
 from medattn.data.preprocess import normalize_tensor
-from medattn.evaluation.faithfulness import attention_faithfulness
+from medattn.evaluation.baselines import pixel_logistic_regression
+from medattn.evaluation.faithfulness import attention_faithfulness, lesion_frequency_map
 from medattn.evaluation.figures import attention_overlay_figure, confusion_matrix_figure
 from medattn.evaluation.metrics import classification_metrics
-from medattn.evaluation.reports import write_confusion_csv, write_metrics_json, write_per_class_csv
+from medattn.evaluation.reports import (
+    write_confusion_csv,
+    write_metrics_json,
+    write_per_class_csv,
+)
 from medattn.models.bundle import load_bundle
 from medattn.devices import resolve_device
 
@@ -26,14 +37,23 @@ from medattn.devices import resolve_device
 @torch.no_grad()
 def predict_split(model: torch.nn.Module, images_uint8: torch.Tensor, mean, std, device: torch.device,
                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, C) and attention maps (N, H, W) for uint8 images (N, 3, H, W)."""
+    """Class probabilities (N, C) and attention for uint8 images (N, 3, H, W).
+
+    The attention is (N, H, W), or one (H, W) map when the model says its attention is the
+    same for every image (``attention_is_global``): N copies of it would only cost memory, and
+    faithfulness and figures broadcast a single map themselves.
+    """
+    is_global = bool(getattr(model, "attention_is_global", False))
     probs, maps = [], []
     for start in range(0, len(images_uint8), batch_size):
         x = normalize_tensor(images_uint8[start:start + batch_size], mean, std).to(device)
         logits, attention = model(x)
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-        maps.append(attention[:, 0].cpu().numpy())
-    return np.concatenate(probs), np.concatenate(maps)
+        if not (is_global and maps):
+            maps.append(attention[:1, 0] if is_global else attention[:, 0])
+    if is_global:
+        return np.concatenate(probs), maps[0][0].cpu().numpy()
+    return np.concatenate(probs), torch.cat(maps).cpu().numpy()
 
 
 def overlay_indices(labels: np.ndarray, count: int) -> list[int]:
@@ -48,19 +68,24 @@ def overlay_indices(labels: np.ndarray, count: int) -> list[int]:
 
 
 def run_evaluation(params: Params, bundle_dir: Path, dataset_dir: Path, out_dir: Path,
-                   run_ref: Optional[Any] = None) -> dict[str, Any]:
+                   run_ref: Any | None = None) -> dict[str, Any]:
     """Score the bundle on the test split; write reports under ``out_dir``; log to MLflow when a run is given."""
     device = resolve_device(params.train.device)
     model, spec = load_bundle(bundle_dir, device)
     test = load_split(dataset_dir, "test", with_masks=True)
+    train = load_split(dataset_dir, "train", with_masks=True)
     probs, attention = predict_split(model, test.images, spec.mean, spec.std, device)
+    is_global = attention.ndim == 2
     y_true, y_pred = test.labels.numpy(), probs.argmax(axis=1)
     majority = int(np.argmax(class_counts(dataset_dir, "train")))
     metrics = classification_metrics(y_true, y_pred, probs, test.class_names, majority)
+    logreg = pixel_logistic_regression(train.images, train.labels, test.images, test.labels, seed=params.train.seed)
+    metrics["baseline"].update({f"pixel_logreg_{key}": value for key, value in logreg.items()})
 
     masks = test.masks[:, 0].numpy().astype(bool)
     has_mask = test.has_mask.numpy()
-    metrics["attention"] = attention_faithfulness(attention[has_mask], masks[has_mask], params.evaluate.topk_percent)
+    metrics["attention"] = attention_faithfulness(attention if is_global else attention[has_mask], masks[has_mask],
+                                                  params.evaluate.topk_percent, prior=training_lesion_prior(train))
 
     names = test.class_names
     write_metrics_json(metrics, out_dir / "metrics.json")
@@ -74,17 +99,39 @@ def run_evaluation(params: Params, bundle_dir: Path, dataset_dir: Path, out_dir:
                   for i in chosen]
         images = test.images[chosen].permute(0, 2, 3, 1).numpy()
         with_masks = bool(has_mask[chosen].any())
-        paths.append(attention_overlay_figure(images, attention[chosen], masks[chosen] if with_masks else None,
-                                              titles, figures / "attention_overlays.png"))
+        paths.append(attention_overlay_figure(images, attention if is_global else attention[chosen],
+                                              masks[chosen] if with_masks else None, titles,
+                                              figures / "attention_overlays.png"))
 
     if run_ref is not None:
         from medattn.registry import log_artifacts, log_metrics, resumed_run
 
-        flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-        flat.update({f"test_attention_{k}": v for k, v in metrics["attention"].items() if isinstance(v, (int, float))})
-        flat["baseline_majority_macro_f1"] = metrics["baseline"]["macro_f1"]
         with resumed_run(run_ref) as run_id:
-            log_metrics(run_id, flat, run_ref.tracking_uri)
+            log_metrics(run_id, mlflow_metrics(metrics), run_ref.tracking_uri)
             log_artifacts(run_id, [out_dir / "metrics.json", out_dir / "confusion.csv", out_dir / "per_class.csv", *paths],
                           run_ref.tracking_uri, artifact_dir="evaluate")
     return metrics
+
+
+def training_lesion_prior(train: SplitTensors) -> np.ndarray | None:
+    """The training split's lesion-frequency map (H, W), or None when no training image has a mask."""
+    has_mask = train.has_mask.numpy()
+    if not has_mask.any():
+        return None
+    return lesion_frequency_map(train.masks[has_mask, 0].numpy())
+
+
+def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The flat MLflow names of the evaluate metrics (``test_*``, ``test_attention_*``, ``baseline_*``).
+
+    Scores that are absent (None: no masked test image) are left out rather than logged as 0.
+    """
+    def numbers(items: dict[str, Any]) -> dict[str, float]:
+        return {k: float(v) for k, v in items.items() if isinstance(v, (int, float))}
+
+    baseline = metrics["baseline"]
+    flat = {f"test_{k}": v for k, v in numbers(metrics).items()}
+    flat.update({f"test_attention_{k}": v for k, v in numbers(metrics["attention"]).items()})
+    flat["baseline_majority_macro_f1"] = float(baseline["macro_f1"])
+    flat.update({f"baseline_{k}": v for k, v in numbers(baseline).items() if k.startswith("pixel_logreg_")})
+    return flat

@@ -2,8 +2,9 @@
 
 ``make_workspace(tmp_path)`` copies what ``dvc repro`` needs (dvc.yaml, pipelines/, the DVC
 config, a tiny params.yaml) into a fresh git repo and commits it. ``medattn/`` is copied too
-because dvc.yaml lists its folders as dependencies; the stage scripts still import the
-installed (editable) package, which is this repository's.
+because dvc.yaml lists its folders as dependencies, but the stage scripts import ``medattn``
+from this repository: PYTHONPATH names its root, so a test always runs the checkout it lives
+in, whichever checkout the virtualenv's editable install points at.
 
 Commands run with this virtualenv's ``bin`` first on PATH and no tracking URI in the
 environment, so every stage logs into the workspace's own ``mlflow.db`` (the default).
@@ -13,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -82,13 +85,20 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def ran_stages(dvc_stdout: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return set(re.findall(r"Running stage '(\w+)'", dvc_stdout))
+
+
 def stage_env() -> dict[str, str]:
-    """The environment of every command: our virtualenv first, default tracking URI, no telemetry."""
+    """The environment of every command: our virtualenv first, this checkout's medattn, default
+    tracking URI, no telemetry."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MEDATTN_TRACKING_URI", "MLFLOW_TRACKING_URI", "DVC_ROOT", "PYTHONPATH")}
     env.update(_GIT_IDENTITY)
     env.update({
         "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONPATH": str(REPO_ROOT),
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -116,7 +126,7 @@ class PipelineWorkspace:
 
     def run(self, *command: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run ``command`` in the workspace; with ``check`` a non-zero exit fails with its output."""
-        result = subprocess.run(command, cwd=self.root, env=stage_env(), capture_output=True, text=True,
+        result = subprocess.run(command, check=False, cwd=self.root, env=stage_env(), capture_output=True, text=True,
                                 timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"

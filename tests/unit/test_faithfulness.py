@@ -12,6 +12,7 @@ from medattn.evaluation.faithfulness import (
     attention_faithfulness,
     attention_mass_inside,
     chance_topk_iou,
+    lesion_frequency_map,
     topk_count,
     topk_iou,
     uniform_mass_inside,
@@ -122,8 +123,81 @@ def test_summary_without_any_mask_has_no_means() -> None:
     summary = attention_faithfulness(
         np.ones((2, 4, 4)), np.zeros((2, 4, 4), dtype=bool), k_percent=10
     )
+    assert summary["available"] is False
     assert summary["n_images_with_mask"] == 0
     assert summary["mass_inside_model"] is None and summary["topk_iou_ratio"] is None
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [np.ones((0, 4, 4)), np.ones((4, 4)), np.ones((1, 4, 4)), np.ones((1, 1, 4, 4))],
+    ids=["no-maps", "global-2d", "global-3d", "global-4d"],
+)
+def test_no_image_at_all_is_reported_absent_not_computed(attention) -> None:
+    # what the evaluate stage passes on a dataset without masks: zero masked test images
+    no_masks = np.zeros((0, 4, 4), dtype=bool)
+    summary = attention_faithfulness(attention, no_masks, k_percent=5, prior=np.ones((4, 4)))
+    assert summary["available"] is False and summary["n_images_with_mask"] == 0
+    assert all(summary[key] is None for key in ("mass_inside_model", "topk_iou_model", "topk_iou_prior"))
+    assert attention_mass_inside(attention, no_masks).shape == (0,)
+    assert topk_iou(attention, no_masks, 5).shape == (0,)
+
+
+@pytest.mark.parametrize("n_images", [1, 2, 7])
+def test_a_global_map_is_ranked_once_and_scores_like_its_copies(n_images: int) -> None:
+    rng = np.random.default_rng(n_images)
+    masks = rng.random((n_images, 10, 10)) > 0.8
+    global_map = rng.random((10, 10))
+    copies = np.repeat(global_map[None], n_images, axis=0)
+    # a read-only broadcast view (stride 0) is a global map too, whatever its strides say
+    view = np.broadcast_to(global_map, (n_images, 10, 10))
+    expected = topk_iou(copies, masks, 5)
+    for shaped in (global_map, global_map[None, None], view):
+        np.testing.assert_array_equal(topk_iou(shaped, masks, 5), expected)
+        np.testing.assert_allclose(attention_mass_inside(shaped, masks), attention_mass_inside(copies, masks))
+    assert attention_faithfulness(global_map, masks, 5) == attention_faithfulness(copies, masks, 5)
+
+
+def test_masks_without_pixels_raise_data_error() -> None:
+    with pytest.raises(DataError, match="no pixels"):
+        attention_faithfulness(np.ones((2, 0, 0)), np.ones((2, 0, 0), dtype=bool), k_percent=5)
+
+
+def test_lesion_frequency_map_is_the_share_of_masks_with_a_lesion_per_pixel() -> None:
+    masks = np.zeros((4, 2, 2), dtype=bool)
+    masks[:3, 0, 0] = True  # 3 of 4
+    masks[0, 1, 1] = True  # 1 of 4
+    np.testing.assert_allclose(lesion_frequency_map(masks), [[0.75, 0.0], [0.0, 0.25]])
+    with pytest.raises(DataError, match="at least one mask"):
+        lesion_frequency_map(np.zeros((0, 2, 2), dtype=bool))
+
+
+def test_prior_scores_sit_next_to_the_model_and_ratios_compare_them() -> None:
+    masks = _masks()
+    prior = lesion_frequency_map(masks)  # covers every test lesion, plus the other images' ones
+    perfect = masks.astype(float)
+    summary = attention_faithfulness(perfect, masks, k_percent=5, prior=prior)
+    # each test mask is 5 pixels; the prior spreads its mass over all 15 equally
+    assert summary["mass_inside_prior"] == pytest.approx(5 / 15)
+    assert summary["mass_inside_model_over_prior"] == pytest.approx(1.0 / (5 / 15))
+    # a flat prior: the top 5 are a random 5 of 15 tied pixels -> hits 5/3, IoU (5/3) / (10 - 5/3)
+    assert summary["topk_iou_prior"] == pytest.approx((5 / 3) / (10 - 5 / 3))
+    assert summary["topk_iou_model_over_prior"] == pytest.approx(1.0 / summary["topk_iou_prior"])
+    # the prior itself as the global attention map: exactly as good as the prior
+    as_prior = attention_faithfulness(prior, masks, k_percent=5, prior=prior)
+    assert as_prior["mass_inside_model_over_prior"] == pytest.approx(1.0)
+    assert as_prior["topk_iou_model_over_prior"] == pytest.approx(1.0)
+    # without a prior the prior keys are absent, not None
+    assert "mass_inside_prior" not in attention_faithfulness(perfect, masks, k_percent=5)
+
+
+def test_a_prior_of_zeros_scores_as_uniform_and_its_ratio_is_none_only_when_zero() -> None:
+    masks = _masks()
+    summary = attention_faithfulness(masks.astype(float), masks, 5, prior=np.zeros((10, 10)))
+    assert summary["mass_inside_prior"] == pytest.approx(summary["mass_inside_uniform"])
+    inverted = attention_faithfulness(masks.astype(float), masks, 5, prior=1.0 - masks.any(axis=0))
+    assert inverted["mass_inside_prior"] == 0.0
+    assert inverted["mass_inside_model_over_prior"] is None
 
 
 def test_all_zero_map_is_scored_as_uniform() -> None:
