@@ -277,7 +277,7 @@ def training_curves_figure(
         ax.grid(alpha=0.3)
     f1 = _column(history, "val_macro_f1")
     if f1 is not None and np.isfinite(f1).any():
-        # ties go to the later epoch, as in Algorithm 1's model selection (medattn.training.algorithm1)
+        # ties go to the later epoch, as in Algorithm 1's model selection (medattn.training.fit)
         best = len(f1) - 1 - int(np.nanargmax(f1[::-1]))
         axes[2].plot(
             epochs[best],

@@ -32,28 +32,32 @@ from medattn.evaluation.reports import (
 )
 from medattn.models.bundle import load_bundle
 from medattn.devices import resolve_device
+from medattn.models.base import AttentionModel
 
 
 @torch.no_grad()
-def predict_split(model: torch.nn.Module, images_uint8: torch.Tensor, mean, std, device: torch.device,
+def predict_split(model: AttentionModel, images_uint8: torch.Tensor, mean, std, device: torch.device,
                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, C) and attention for uint8 images (N, 3, H, W).
 
-    The attention is (N, H, W), or one (H, W) map when the model says its attention is the
-    same for every image (``attention_is_global``): N copies of it would only cost memory, and
-    faithfulness and figures broadcast a single map themselves.
+    The attention is (N, H, W), or one (H, W) map for a method whose map is the same for every
+    image (``global_attention()``, seed 001): computed once per pass, since N copies would only
+    cost memory, and faithfulness and figures broadcast a single map themselves.
     """
-    is_global = bool(getattr(model, "attention_is_global", False))
+    model.eval()
+    global_map = model.global_attention()
     probs, maps = [], []
     for start in range(0, len(images_uint8), batch_size):
         x = normalize_tensor(images_uint8[start:start + batch_size], mean, std).to(device)
         logits, attention = model(x)
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-        if not (is_global and maps):
-            maps.append(attention[:1, 0] if is_global else attention[:, 0])
-    if is_global:
-        return np.concatenate(probs), maps[0][0].cpu().numpy()
-    return np.concatenate(probs), torch.cat(maps).cpu().numpy()
+        if global_map is None:
+            maps.append(attention[:, 0].cpu())
+    probabilities = np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
+    if global_map is not None:
+        return probabilities, global_map.cpu().numpy()
+    size = images_uint8.shape[-2:]
+    return probabilities, (torch.cat(maps).numpy() if maps else np.zeros((0, *size), dtype=np.float32))
 
 
 def overlay_indices(labels: np.ndarray, count: int) -> list[int]:

@@ -6,9 +6,10 @@ import numpy as np
 import torch
 
 from medattn.evaluation.run import mlflow_metrics, predict_split
+from medattn.models.base import AttentionModel
 
 
-class PerImageAttention(torch.nn.Module):
+class PerImageAttention(AttentionModel):
     """Logits from the mean intensity; attention = the image's own first channel squashed to [0, 1]."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +25,9 @@ class SharedMapAttention(PerImageAttention):
     def __init__(self, height: int, width: int) -> None:
         super().__init__()
         self.map = torch.linspace(0, 1, height * width).reshape(1, 1, height, width)
+
+    def global_attention(self) -> torch.Tensor:
+        return self.map[0, 0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, _ = super().forward(x)
@@ -50,6 +54,9 @@ def test_a_global_map_is_returned_once_not_once_per_image() -> None:
     assert probs.shape == (7, 2)
     assert attention.shape == (6, 5)
     np.testing.assert_allclose(attention, model.map[0, 0].numpy())
+    empty_probs, empty_attention = predict_split(PerImageAttention(), images[:0], (0.5,) * 3, (0.25,) * 3,
+                                                 torch.device("cpu"))
+    assert empty_probs.shape[0] == 0 and empty_attention.shape == (0, 6, 5)
     # the probabilities do not depend on how the global map is returned
     per_image_probs, _ = predict_split(PerImageAttention(), images, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
     np.testing.assert_allclose(probs, per_image_probs, rtol=1e-6)
