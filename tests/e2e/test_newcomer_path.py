@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 from medattn.errors import ParamError
 from medattn.stage import pipeline_paths
@@ -196,8 +197,11 @@ def test_every_file_a_stage_writes_is_declared_in_dvc_yaml(newcomer) -> None:
 
 
 def test_stage_paths_come_from_dvc_yaml_vars(tmp_path: Path) -> None:
+    written = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]
     paths = pipeline_paths(REPO_ROOT)
-    assert paths["prepared"] == Path("data/prepared") and paths["run_ref"].parent == paths["train_reports"]
+    assert paths == {name: Path(value) for name, value in written.items()}
+    # train writes the run reference into its report folder: evaluate and register must look there
+    assert paths["run_ref"].parent == paths["train_reports"]
     with pytest.raises(ParamError, match="no entry 'nowhere'"):
         paths["nowhere"]
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
