@@ -14,11 +14,14 @@ export PYTHONUNBUFFERED := 1
 SYSTEM_PACKAGES := prometheus postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup system-deps mlflow-ui serve clean help
+.PHONY: demo test setup system-deps repro metrics plots mlflow-ui serve clean help
 
 help:
 	@echo "make demo       - install, then run the demo pipeline (dvc repro) on the embedded dataset"
 	@echo "make test       - install, then run the tests"
+	@echo "make repro      - rerun the pipeline stages whose code, data or params changed (dvc repro)"
+	@echo "make metrics    - print the pipeline's metrics (dvc metrics show)"
+	@echo "make plots      - write the plots page dvc_plots/index.html (dvc plots show)"
 	@echo "make mlflow-ui  - browse runs and registered models at http://127.0.0.1:5000"
 	@echo "make serve      - serve the champion model over HTTP on http://127.0.0.1:3000"
 
@@ -45,8 +48,18 @@ system-deps:
 demo: setup
 	$(BIN)/dvc repro
 	@echo
-	@echo "Metrics: dvc metrics show    Plots: dvc plots show    Figures: reports/*/figures/"
-	@echo "Runs and the registered model: make mlflow-ui  (then open http://127.0.0.1:5000)"
+	@echo "Next, in any shell: make metrics | make plots | make mlflow-ui | make serve"
+	@echo "or first 'source .venv/bin/activate', then: dvc metrics show | dvc plots show | dvc repro | medattn model info"
+	@echo "Figures: reports/*/figures/"
+
+repro: setup
+	$(BIN)/dvc repro
+
+metrics: setup
+	$(BIN)/dvc metrics show
+
+plots: setup
+	$(BIN)/dvc plots show
 
 test: setup system-deps
 	@# pytest exits 5 when it collected no test: the suite went missing, which must not pass quietly

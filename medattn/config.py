@@ -67,7 +67,6 @@ class TrainParams:
     weight_decay: float = 0.0001
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,6 @@ def validate_params(p: Params) -> Params:
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
            f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-    _check(t.num_workers >= 0, "train.num_workers must be >= 0")
     _check(p.evaluate.overlay_count >= 0, "evaluate.overlay_count must be >= 0")
     _check(0 < p.evaluate.topk_percent <= 100, "evaluate.topk_percent must be in (0, 100]")
     _check(bool(p.mlflow.model_name.strip()), "mlflow.model_name must not be empty")

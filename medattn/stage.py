@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from medattn.errors import MedattnError
+from medattn.errors import MedattnError, ParamError
 
 T = TypeVar("T")
 
@@ -39,6 +39,39 @@ def run_stage(main: Callable[[], T]) -> T:
         raise SystemExit(130) from None
 
 
-def repo_path(relative: str) -> Path:
-    """A path relative to the current DVC workspace (stages run from the workspace root)."""
-    return Path.cwd() / relative
+DVC_FILE = "dvc.yaml"
+
+
+class PipelinePaths(dict[str, Path]):
+    """Stage paths by name (``paths["prepared"]``); an unknown name is a one-line ``ParamError``."""
+
+    def __init__(self, source: Path, paths: dict[str, Path]) -> None:
+        super().__init__(paths)
+        self.source = source
+
+    def __missing__(self, name: str) -> Path:
+        raise ParamError(f"{self.source}: vars.paths has no entry {name!r} (known: {', '.join(sorted(self))})")
+
+
+def pipeline_paths(project_root: Path) -> PipelinePaths:
+    """The ``vars: - paths:`` mapping of ``project_root/dvc.yaml``: every path a stage uses.
+
+    dvc.yaml is the one place those paths are written: its stage commands pass them to the
+    scripts (``--out ${paths.prepared}``) and its outs list them; the scripts take the same
+    mapping as their argument defaults, so a script run by hand reads and writes where DVC
+    expects. A missing or malformed dvc.yaml is a ``ParamError`` naming it.
+    """
+    import yaml  # late: most callers of this module only need run_stage
+
+    dvc_file = project_root / DVC_FILE
+    try:
+        document = yaml.safe_load(dvc_file.read_text())
+    except OSError as exc:
+        raise ParamError(f"{dvc_file}: cannot read the pipeline definition ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ParamError(f"{dvc_file}: not valid YAML ({exc.__class__.__name__})") from exc
+    entries = document.get("vars") if isinstance(document, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("paths"), dict):
+            return PipelinePaths(dvc_file, {str(k): Path(str(v)) for k, v in entry["paths"].items()})
+    raise ParamError(f"{dvc_file}: no 'vars: - paths:' mapping (where the stages read and write)")

@@ -2,7 +2,8 @@
 
 Synthetic (default): generated deterministically from the CC0 retina photograph inside
 scikit-image. Real data: ``data.source`` + ``data.root`` (imagefolder, idrid, jaffe, malaria).
-Writes ``data/prepared`` (images, masks, manifest.csv, classes.json) atomically.
+Writes the ``--out`` folder (images, masks, manifest.csv, classes.json) atomically. Path
+defaults come from dvc.yaml's ``vars: paths``, the one place they are written.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from pathlib import Path
 from medattn.config import load_params
 from medattn.data.manifest import read_manifest
 from medattn.data.prepare import prepare_dataset
-from medattn.stage import run_stage
+from medattn.stage import pipeline_paths, run_stage
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    paths = pipeline_paths(PROJECT_ROOT)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"), help="output folder (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=paths["prepared"],
+                        help="prepared dataset folder to write (default, from dvc.yaml: %(default)s)")
     args = parser.parse_args()
     params = load_params(args.params)
     prepare_dataset(params, args.out)

@@ -42,7 +42,7 @@ TINY_PARAMS: dict[str, Any] = {
     "validate": {"min_class_ratio": 0.3, "expected_channels": 3},
     "model": {"backbone": "small_cnn", "attention": "global_pixel", "K": 4},
     "train": {"epochs": 2, "cutoff_epoch": 1, "lr": 0.002, "batch_size": 16, "seed": 0,
-              "device": "cpu", "num_workers": 0},
+              "device": "cpu"},
     "evaluate": {"overlay_count": 2, "topk_percent": 5},
     "mlflow": {"tracking_uri": None, "experiment": "medattn-e2e", "model_name": MODEL_NAME},
 }
