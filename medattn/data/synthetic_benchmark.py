@@ -31,7 +31,7 @@ from medattn.config import SyntheticParams
 from medattn.data.benchmark_lesions import grade_of, sample_benchmark_lesions, sample_dust, sample_lookalikes
 from medattn.data.fundus_anatomy import FundusAnatomy, canonical_fundus
 from medattn.data.lesions import render_lesions
-from medattn.data.synthetic_fundus import carries_decoy, decoy_rates
+from medattn.data.synthetic_fundus import decoy_flags
 from medattn.errors import ParamError
 
 # no_DR, mild, severe: the smallest class holds 0.25 / 0.45 = 56% of the largest, well above
@@ -39,7 +39,8 @@ from medattn.errors import ParamError
 GRADE_SHARES: tuple[float, float, float] = (0.45, 0.30, 0.25)
 LABEL_NOISE = 0.05
 RIGHT_EYE_SHARE = 0.5
-_APPEARANCE, _LESIONS, _DECOY, _NOISE, _LOOKALIKES = 0, 1, 2, 3, 4
+# streams 0-2 as in the easy preset (2 = decoy, drawn in synthetic_fundus.decoy_flags)
+_APPEARANCE, _LESIONS, _NOISE, _LOOKALIKES = 0, 1, 3, 4
 _MIN_LESION_RADIUS_PX = 1.2
 
 
@@ -173,7 +174,8 @@ def iter_benchmark_records(params: SyntheticParams, image_size: int, working_siz
 
     """Raw records in id order: photographs as taken (right eyes mirrored), the decoy not yet stamped."""
     labels = assign_benchmark_labels(params)
-    rates = decoy_rates(labels.labels, labels.splits, params.decoy_probability)
+    # the decoy follows the *recorded* label: that is the shortcut a model could learn
+    decoys = decoy_flags(labels.labels, labels.splits, params.seed, params.decoy_probability)
     anatomy = canonical_fundus(working_size)
     for index in range(params.n_images):
         grade, label, split = int(labels.true_grades[index]), int(labels.labels[index]), str(labels.splits[index])
@@ -182,9 +184,7 @@ def iter_benchmark_records(params: SyntheticParams, image_size: int, working_siz
                                        np.random.default_rng([params.seed, index, _LESIONS]),
                                        np.random.default_rng([params.seed, index, _LOOKALIKES]),
                                        anatomy, image_size)
-        # the decoy follows the *recorded* label: that is the shortcut a model could learn
-        coin = float(np.random.default_rng([params.seed, index, _DECOY]).random())
-        has_decoy = carries_decoy(coin, label, split, rates)
+        has_decoy = bool(decoys[index])
         yield {"id": f"syn_{index:05d}", "image": photo, "label": label, "label_name": class_names[label],
                "split": split, "mask": mask, "eye": "right" if acquisition.right_eye else "left",
                "true_label": grade, "label_noise": int(label != grade), "has_decoy": int(has_decoy)}

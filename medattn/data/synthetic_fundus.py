@@ -108,23 +108,29 @@ def assign_grades_and_splits(params: SyntheticParams) -> tuple[np.ndarray, np.nd
     return grades, splits
 
 
-def decoy_rates(labels: np.ndarray, splits: np.ndarray, probability: float) -> tuple[float, float]:
-    """(rate for train images labelled with the top grade, rate for every val/test image).
+def decoy_flags(labels: np.ndarray, splits: np.ndarray, seed: int, probability: float) -> np.ndarray:
+    """Which images carry the decoy (bool per image), from the decoy stream of ``(seed, index)``.
 
-    Train: only the top grade, each image with ``probability`` (the shortcut to learn).
-    Val/test: every image with the training split's overall prevalence, whatever its grade, so
-    the stamp is as common as in training but says nothing about the grade there.
+    Train: only images labelled with the top grade, each with ``probability`` (the shortcut to
+    learn). Val/test: every image with the training split's overall prevalence, whatever its
+    grade, so the stamp is as common as in training but says nothing about the grade there.
     """
+    top = len(CLASS_NAMES) - 1
     train = splits == "train"
-    top_share = float(np.mean(labels[train] == len(CLASS_NAMES) - 1)) if train.any() else 0.0
-    return probability, probability * top_share
+    top_share = float(np.mean(labels[train] == top)) if train.any() else 0.0
+    coins = np.array([np.random.default_rng([seed, index, _DECOY]).random() for index in range(len(labels))])
+    return np.where(train, (labels == top) & (coins < probability), coins < probability * top_share)
 
 
-def carries_decoy(coin: float, label: int, split: str, rates: tuple[float, float]) -> bool:
-    """The decoy decision for one image from its uniform draw ``coin`` (see :func:`decoy_rates`)."""
-    if split == "train":
-        return label == len(CLASS_NAMES) - 1 and coin < rates[0]
-    return coin < rates[1]
+def synthetic_decoy_flags(params: SyntheticParams) -> np.ndarray:
+    """The decoy decision of every image of the set ``params`` describes, without rendering it."""
+    if params.preset == "benchmark":
+        from medattn.data.synthetic_benchmark import assign_benchmark_labels
+
+        labels = assign_benchmark_labels(params)
+        return decoy_flags(labels.labels, labels.splits, params.seed, params.decoy_probability)
+    grades, splits = assign_grades_and_splits(params)
+    return decoy_flags(grades, splits, params.seed, params.decoy_probability)
 
 
 def render_fundus(grade: int, appearance: Appearance, lesion_rng: np.random.Generator,
@@ -198,13 +204,12 @@ def iter_synthetic_records(params: SyntheticParams, image_size: int) -> Iterator
 def _iter_easy_records(params: SyntheticParams, image_size: int) -> Iterator[dict]:
     grades, splits = assign_grades_and_splits(params)
     anatomy = canonical_fundus(working_size(image_size))
-    rates = decoy_rates(grades, splits, params.decoy_probability)
+    decoys = decoy_flags(grades, splits, params.seed, params.decoy_probability)
     for index, (grade, split) in enumerate(zip(grades.tolist(), splits.tolist())):
         appearance = draw_appearance(np.random.default_rng([params.seed, index, _APPEARANCE]))
         lesion_rng = np.random.default_rng([params.seed, index, _LESIONS])
         photo, mask = render_fundus(grade, appearance, lesion_rng, anatomy, image_size)
-        coin = float(np.random.default_rng([params.seed, index, _DECOY]).random())
-        has_decoy = carries_decoy(coin, grade, split, rates)
+        has_decoy = bool(decoys[index])
         yield {"id": f"syn_{index:05d}", "image": photo, "label": grade, "label_name": CLASS_NAMES[grade],
                "split": split, "mask": mask, "eye": "left", "true_label": grade, "label_noise": 0,
                "has_decoy": int(has_decoy)}
