@@ -57,7 +57,8 @@ def pixel_lr_macro_f1(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
 
 
 def colour_statistics(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Per image and channel: mean, std, 1st and 99th percentile over the field of view."""
+    """Per image: each channel's mean, std, 1st and 99th percentile and high percentiles of G - B
+    over the field of view."""
     field = images.max(axis=3) > 20 / 255
     columns, names = [], []
     for channel, channel_name in enumerate("RGB"):
@@ -70,6 +71,11 @@ def colour_statistics(images: np.ndarray) -> tuple[np.ndarray, list[str]]:
             else:
                 columns.append([np.percentile(v, float(stat[1:])) for v in values])
             names.append(f"{channel_name} {stat}")
+    # exudate yellow raises green but not blue: the easy preset's tell-tale for its top grade
+    yellowness = [(image[..., 1] - image[..., 2])[inside] for image, inside in zip(images, field)]
+    for q in (99.0, 99.9):
+        columns.append([np.percentile(v, q) for v in yellowness])
+        names.append(f"G-B p{q:g}")
     return np.asarray(columns).T, names
 
 
