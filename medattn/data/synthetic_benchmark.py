@@ -64,16 +64,16 @@ class Acquisition:
 def draw_acquisition(rng: np.random.Generator) -> Acquisition:
     return Acquisition(
         right_eye=bool(rng.random() < RIGHT_EYE_SHARE),
-        rotation_deg=float(rng.uniform(-12.0, 12.0)),
+        rotation_deg=float(rng.uniform(-8.0, 8.0)),
         zoom=float(rng.uniform(0.92, 1.15)),
-        shift=(float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.06, 0.06))),
+        shift=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.05, 0.05))),
         gain=float(rng.uniform(0.72, 1.25)),
         channel_gain=(float(rng.uniform(0.85, 1.12)), float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.8, 1.2))),
         gamma=float(rng.uniform(0.8, 1.25)),
         light_angle=float(rng.uniform(0.0, 2 * np.pi)),
         light_strength=float(rng.uniform(0.0, 0.45)),
-        blur_px=float(rng.uniform(0.0, 0.9)),
-        jpeg_quality=int(rng.integers(40, 96)),
+        blur_px=float(rng.uniform(0.0, 0.5)),
+        jpeg_quality=int(rng.integers(60, 96)),
     )
 
 
