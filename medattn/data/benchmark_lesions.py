@@ -71,17 +71,18 @@ def sample_benchmark_lesions(grade: int, rng: np.random.Generator, anatomy: Fund
         return lesions
     route = "mild" if grade == 1 else ("haemorrhages" if rng.random() < 0.5 else "macular")
     n_haemorrhages = int(rng.integers(SEVERE_HAEMORRHAGES, 6)) if route == "haemorrhages" else int(rng.integers(0, 3))
-    for _ in range(n_haemorrhages):
-        lesions.append(place_lesion(HAEMORRHAGE, rng, lesions, anatomy, radius=radius(0.026, 0.04),
-                              elongation=rng.uniform(0.55, 0.95), wobble=0.12, strength=rng.uniform(0.7, 0.95)))
+    # exudates first: the macular rule needs room near the fovea before haemorrhages take it
     if route == "macular":
         _add_exudates(lesions, rng, radius, near_fovea=True, count=int(rng.integers(2, 6)))
     elif rng.random() < 0.45:  # exudates outside the macula: present in mild images too
         _add_exudates(lesions, rng, radius, near_fovea=False, count=int(rng.integers(2, 6)))
+    for _ in range(n_haemorrhages):
+        lesions.append(place_lesion(HAEMORRHAGE, rng, lesions, anatomy, radius=radius(0.03, 0.045),
+                              elongation=rng.uniform(0.55, 0.95), wobble=0.12, strength=rng.uniform(0.85, 1.0)))
     n_microaneurysms = int(rng.integers(2, 8)) if route != "haemorrhages" else int(rng.integers(2, 9))
     for _ in range(n_microaneurysms):
-        lesions.append(place_lesion(MICROANEURYSM, rng, lesions, anatomy, radius=radius(0.013, 0.018),
-                              elongation=rng.uniform(0.85, 1.0), wobble=0.03, strength=rng.uniform(0.8, 1.0)))
+        lesions.append(place_lesion(MICROANEURYSM, rng, lesions, anatomy, radius=radius(0.015, 0.02),
+                              elongation=rng.uniform(0.85, 1.0), wobble=0.03, strength=rng.uniform(0.9, 1.0)))
     return lesions
 
 
@@ -104,7 +105,7 @@ def _add_exudates(lesions: list[Lesion], rng: np.random.Generator, radius, near_
         inside_rule = d + blob_radius <= MACULA_RADIUS if near_fovea else d - MAX_EXTENT * blob_radius > MACULA_RADIUS + _MACULA_MARGIN
         if inside_rule and is_allowed_site(x, y, extent=MAX_EXTENT * blob_radius) and _clear_of(lesions, x, y, blob_radius):
             lesions.append(make_lesion(EXUDATE, x, y, rng, radius=blob_radius, elongation=rng.uniform(0.6, 1.0),
-                                 wobble=0.15, strength=rng.uniform(0.75, 0.95)))
+                                 wobble=0.15, strength=rng.uniform(0.85, 1.0)))
             placed += 1
 
 
@@ -124,10 +125,10 @@ def sample_lookalikes(rng: np.random.Generator, anatomy: FundusAnatomy, lesions:
     for _ in range(int(rng.integers(0, 4))):
         found.append(place_lesion(PIGMENT_SPOT, rng, occupied + found, anatomy, radius=radius(0.011, 0.018),
                             elongation=rng.uniform(0.7, 1.0), wobble=0.08, strength=rng.uniform(0.5, 0.9)))
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         found.append(place_lesion(VESSEL_CROSSING, rng, occupied + found, anatomy, radius=radius(0.011, 0.016),
                             elongation=rng.uniform(0.8, 1.0), wobble=0.03, strength=rng.uniform(0.5, 0.9)))
-    for _ in range(int(rng.integers(0, 6))):
+    for _ in range(int(rng.integers(0, 5))):
         angle, distance = rng.uniform(0, 2 * np.pi), rng.uniform(0.02, 0.25)
         x, y = FOVEA_CENTRE[0] + distance * np.cos(angle), FOVEA_CENTRE[1] + distance * np.sin(angle)
         blob_radius = radius(0.007, 0.012)
