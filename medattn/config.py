@@ -18,10 +18,13 @@ from medattn.errors import ParamError
 
 DATA_SOURCES = ("synthetic", "imagefolder", "idrid", "jaffe", "malaria")
 IDRID_TASKS = ("retinopathy", "macular_edema")
+SYNTHETIC_PRESETS = ("easy", "benchmark")
 
 
 @dataclass(frozen=True)
 class SyntheticParams:
+    # easy: every method aces it (fast tests); benchmark: the demo's calibrated, harder set
+    preset: str = "easy"
     n_images: int = 720
     seed: int = 2024
     train_fraction: float = 0.6
@@ -174,6 +177,8 @@ def validate_params(p: Params) -> Params:
     _check(16 <= d.image_size <= 1024, f"data.image_size must be in [16, 1024], got {d.image_size}")
     _check(0 < d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
            "data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1")
+    _check(s.preset in SYNTHETIC_PRESETS,
+           f"data.synthetic.preset must be one of {', '.join(SYNTHETIC_PRESETS)}, got {s.preset!r}")
     _check(s.n_images >= 12, f"data.synthetic.n_images must be >= 12, got {s.n_images}")
     _check(0 < s.train_fraction < 1 and 0 < s.val_fraction < 1 and s.train_fraction + s.val_fraction < 1,
            "data.synthetic.train_fraction and val_fraction must be in (0, 1) and sum below 1")
