@@ -16,6 +16,8 @@ import yaml
 
 from medattn.errors import ParamError
 
+#: ``train.fast_path`` values (their meaning: medattn.training.fast_path)
+FAST_PATH_CHOICES = ("auto", "on", "off", "compile")
 DATA_SOURCES = ("synthetic", "imagefolder", "idrid", "jaffe", "malaria")
 IDRID_TASKS = ("retinopathy", "macular_edema")
 SYNTHETIC_PRESETS = ("easy", "benchmark")
@@ -70,6 +72,8 @@ class TrainParams:
     weight_decay: float = 0.0001
     seed: int = 0
     device: str = "auto"
+    # auto = on where training runs on CUDA, off on the CPU; on | off | compile (medattn.training.fast_path)
+    fast_path: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,8 @@ def validate_params(p: Params) -> Params:
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
            f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _check(t.fast_path in FAST_PATH_CHOICES,
+           f"train.fast_path must be one of {', '.join(FAST_PATH_CHOICES)}, got {t.fast_path!r}")
     _check(p.evaluate.overlay_count >= 0, "evaluate.overlay_count must be >= 0")
     _check(0 < p.evaluate.topk_percent <= 100, "evaluate.topk_percent must be in (0, 100]")
     _check(bool(p.mlflow.model_name.strip()), "mlflow.model_name must not be empty")
