@@ -218,5 +218,5 @@ class MedattnService:
 # the JSON error body of every other error.
 MedattnService.add_asgi_middleware(JsonRoutingErrors)
 # Bounded /metrics (endpoint = route template) and deadlines for stalled clients: see the modules.
-metrics.bound_bentoml_request_labels([route.path for route in app.routes if hasattr(route, "path")])
+metrics.bound_bentoml_request_labels(app.openapi()["paths"])  # the routes' templates, as published
 install_client_timeouts(MedattnService)

@@ -136,8 +136,9 @@ def test_an_aborted_upload_is_a_client_abort_not_a_server_error(client, hostile)
     assert requests_total(client, "/predict", "499") == aborts_before + 3
     assert requests_total(client, "/predict", "5") == errors_before
     log = hostile.server.log_tail(10**9)[log_before:]
-    assert log.count("client closed the connection") == 3, log
-    assert "Traceback" not in log and "Exception in ASGI" not in log, log
+    # One access-log line per abort (medattn's own line is INFO, below BentoML's default level), no traceback.
+    assert log.count("path=/predict,type=image/png,length=400000) (status=499") == 3, log[-3000:]
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
 
 
 def test_stalled_request_headers_are_cut_with_408(hostile):
