@@ -33,8 +33,16 @@ import json
 from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medattn.errors import MedattnError
 from medattn.feedback import rasterize
@@ -96,6 +104,25 @@ class StoreUnavailable(FeedbackError):
 
 RoiKind = Literal["relevant", "irrelevant"]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+# Coordinates and sizes are JSON numbers: "10" or true is refused, not read as 10 or 1.
+Coordinate = Annotated[float, Strict()]
+Count = Annotated[int, Strict()]
+
+
+def canonical_model_version(value: str) -> str:
+    """MLflow's string for a registered version number: ``"0002"`` -> ``"2"``.
+
+    Only ASCII digits count (``str.isdigit`` also accepts full-width ``"１"`` and superscripts),
+    and versions start at 1; anything else is an :class:`InvalidFeedback` (422). Every way in
+    (the submission body, ``GET /feedback?model_version=``) goes through here, so one version is
+    stored and found under one string.
+    """
+    text = value.strip() if isinstance(value, str) else value
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise InvalidFeedback(f"model_version {str(value)[:40]!r} is not a version number (ASCII digits, e.g. \"3\")")
+    if int(text) < 1:
+        raise InvalidFeedback(f"model_version {value!r} is not a version number (versions start at 1)")
+    return str(int(text))
 
 
 class _Model(BaseModel):
@@ -123,10 +150,10 @@ class _RoiBase(_Model):
 class RectangleRoi(_RoiBase):
     shape: Literal["rectangle"]
     kind: RoiKind
-    x: float
-    y: float
-    width: float
-    height: float
+    x: Coordinate
+    y: Coordinate
+    width: Coordinate
+    height: Coordinate
 
     @model_validator(mode="after")
     def _positive_area(self) -> "RectangleRoi":
@@ -148,7 +175,7 @@ class RectangleRoi(_RoiBase):
 class PolygonRoi(_RoiBase):
     shape: Literal["polygon"]
     kind: RoiKind
-    points: list[tuple[float, float]] = Field(max_length=MAX_POLYGON_POINTS)
+    points: list[tuple[Coordinate, Coordinate]] = Field(max_length=MAX_POLYGON_POINTS)
 
     @field_validator("points")
     @classmethod
@@ -174,9 +201,9 @@ class PolygonRoi(_RoiBase):
 
 
 class RunLengthMask(_Model):
-    width: int = Field(ge=1, le=MAX_IMAGE_SIDE)
-    height: int = Field(ge=1, le=MAX_IMAGE_SIDE)
-    counts: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_RLE_RUNS)
+    width: Count = Field(ge=1, le=MAX_IMAGE_SIDE)
+    height: Count = Field(ge=1, le=MAX_IMAGE_SIDE)
+    counts: list[Annotated[Count, Field(ge=0)]] = Field(min_length=1, max_length=MAX_RLE_RUNS)
 
     @model_validator(mode="after")
     def _covers_image(self) -> "RunLengthMask":
@@ -238,6 +265,14 @@ class FeedbackSubmission(_Model):
     rois: list[Roi] = Field(default_factory=list, max_length=MAX_ROIS)
     corrected_label: Optional[Name] = None
     comment: Optional[str] = Field(default=None, max_length=MAX_COMMENT_LENGTH)
+
+    @field_validator("model_version")
+    @classmethod
+    def _canonical_version(cls, value: str) -> str:
+        try:
+            return canonical_model_version(value)
+        except InvalidFeedback as exc:
+            raise ValueError(str(exc).removeprefix("model_version ")) from None
 
     @model_validator(mode="after")
     def _says_something(self) -> "FeedbackSubmission":

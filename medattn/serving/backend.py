@@ -24,7 +24,7 @@ from anyio import to_thread
 
 from medattn.errors import MedattnError, RegistryError
 from medattn.feedback.blobs import BlobStore
-from medattn.feedback.schema import FeedbackSubmission, InvalidFeedback
+from medattn.feedback.schema import FeedbackSubmission, InvalidFeedback, canonical_model_version
 from medattn.feedback.store import FeedbackRecord, FeedbackStore
 from medattn.serving import metrics
 from medattn.serving.auth import AuthError, Principal, Role
@@ -165,7 +165,8 @@ class ServingBackend:
             raise InvalidFeedback("feedback needs either a request_id or the image itself")
         if submission.request_id is None:
             self.check_model_version(submission.model_version)
-        record, created = self.store.add_feedback(submission, sha256, width, height, idempotency_key)
+        record, created = self.store.add_feedback(submission, sha256, width, height, idempotency_key,
+                                                  caller=principal.name)
         if created:
             kinds = [roi.kind for roi in submission.rois]
             self.metrics.record_feedback(relevant_rois=kinds.count("relevant"),
@@ -177,22 +178,22 @@ class ServingBackend:
     def list_feedback(self, since: Optional[datetime], model_version: Optional[str],
                       limit: int, offset: int) -> list[FeedbackRecord]:
         if model_version is not None:
-            self.check_model_version(model_version)
+            model_version = self.check_model_version(model_version)
         return self.store.list_feedback(since=since, model_version=model_version, limit=limit, offset=offset)
 
-    def check_model_version(self, version: str) -> None:
-        """422 unless ``version`` is a registered version of the served model (cached once seen)."""
+    def check_model_version(self, version: str) -> str:
+        """MLflow's string for ``version`` ("0002" -> "2"); 422 unless the served model has that version."""
         from medattn.registry import get_model_version_info
 
+        version = canonical_model_version(version)
         if version in self._registered_versions:
-            return
-        if not version.isdigit():
-            raise InvalidFeedback(f"model_version {version!r} is not a version number")
+            return version
         try:
             get_model_version_info(self.settings.model_name, version, tracking_uri=self.settings.tracking_uri)
         except RegistryError as exc:
             raise InvalidFeedback(f"unknown model version {version!r} of {self.settings.model_name!r}: {exc}") from None
         self._registered_versions.add(version)
+        return version
 
     # -- model lifecycle (admin) ---------------------------------------------------------------
 
