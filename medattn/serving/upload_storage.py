@@ -32,6 +32,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IDENTIFYING_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
 # JPEG segments that carry metadata rather than pixels: APP1 (EXIF, XMP), APP12, APP13 (IPTC), COM.
 _JPEG_METADATA_MARKERS = {0xE1, 0xEC, 0xED, 0xFE}
+_DICOM_PIXEL_DATA_TAG = 0x7FE00010
 # DICOM Patient module (PS3.3 C.7.1.1) and other attributes naming a person or an institution.
 DICOM_IDENTIFYING_KEYWORDS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
@@ -52,7 +53,7 @@ def stored_upload(data: bytes, decoded: DecodedImage, policy: str = "reencoded",
         if decoded.format == "JPEG":
             return jpeg_without_trailer(data, strip_metadata)
         if decoded.format == "DICOM":
-            return deidentified_dicom(data) if strip_metadata else data
+            return dicom_without_trailer(data, deidentify=strip_metadata)
         if decoded.format == "TIFF" and not strip_metadata:
             return data
     buffer = io.BytesIO()
@@ -121,16 +122,26 @@ def _next_marker(data: bytes, pos: int) -> int:
         pos += 2
 
 
-def deidentified_dicom(data: bytes) -> bytes:
-    """The DICOM file with its patient module emptied and private tags removed (pydicom)."""
+def dicom_without_trailer(data: bytes, deidentify: bool = True) -> bytes:
+    """The DICOM file re-written by pydicom without anything after its pixel data.
+
+    Bytes appended to a DICOM file parse as bogus elements after ``PixelData``; they are dropped
+    (so is the optional trailing padding). With ``deidentify`` the patient module and other
+    attributes naming a person or institution are removed, and so are private tags.
+    """
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data))
-    for keyword in DICOM_IDENTIFYING_KEYWORDS:
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.remove_private_tags()
-    ds.PatientIdentityRemoved = "YES"
+    in_file_order = list(ds.keys())  # junk parses as elements of any tag, in file order after PixelData
+    if _DICOM_PIXEL_DATA_TAG in in_file_order:
+        for tag in in_file_order[in_file_order.index(_DICOM_PIXEL_DATA_TAG) + 1:]:
+            del ds[tag]
+    if deidentify:
+        for keyword in DICOM_IDENTIFYING_KEYWORDS:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.remove_private_tags()
+        ds.PatientIdentityRemoved = "YES"
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
