@@ -28,6 +28,7 @@ than ``max_frame_pixels`` pixels, reduced by an integer factor (JPEG during deco
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import struct
@@ -43,11 +44,12 @@ from medattn.errors import MedattnError, first_line
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # 50 megapixels: larger than any fundus camera or chest film, far below what would exhaust memory.
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
-# What one image's decode may allocate: a 50 MP 8-bit RGB image (Pillow keeps 4 bytes a pixel)
-# plus its RGB copy fits; on a 24 GiB machine 16 such decodes in flight still leave room.
-DEFAULT_MAX_DECODED_BYTES = 512 * 1024 * 1024
+# What one image may hold from decoding to answer: a 50 MP 8-bit RGB image (Pillow keeps 4 bytes
+# a pixel, plus its RGB copy) reduced to a 16 MP frame fits (~0.8 GB); a 24 GiB machine holds
+# the in-flight budget (8 GiB) of such requests with room for the model runner.
+DEFAULT_MAX_DECODED_BYTES = 1024 * 1024 * 1024
 # The sum of those estimates over the images of one request (/predict_batch).
-DEFAULT_MAX_BATCH_DECODED_BYTES = 1024 * 1024 * 1024
+DEFAULT_MAX_BATCH_DECODED_BYTES = 2 * 1024 * 1024 * 1024
 # 4096 x 4096: larger images are reduced to this before the model, the map and the blob see them.
 DEFAULT_MAX_FRAME_PIXELS = 4096 * 4096
 # Long side / short side: the model resizes every image to a square; past 4:1 that is a smear.
@@ -65,6 +67,11 @@ _PIL_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 
 # Bytes a pixel costs on the way to RGB (``to_rgb``): the RGB copy (4), plus a float64 and a uint8
 # array for 16-bit/32-bit/float modes, plus an RGBA copy when transparency is composited.
 _WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+# Bytes a pixel of the *frame* costs once decoded, until the answer is sent: the RGB image (4) and
+# its array for the runner (3), the attention map upsampled to the frame (float32 4, float64 8,
+# uint8 1, palette image 1) and its PNG encoder's buffers. Counted in ``decoded_bytes`` so that
+# the budgets bound what a request holds, not only what its decoder allocates.
+FRAME_BYTES_PER_PIXEL = 24
 
 PIL_FORMATS = ("PNG", "JPEG", "TIFF")
 SUPPORTED_FORMATS = (*PIL_FORMATS, "DICOM")
@@ -134,7 +141,7 @@ class ImageLimits:
     def check_decoded_bytes(self, n_bytes: int, width: int, height: int, mode: str, what: str = "image") -> None:
         if n_bytes > self.max_decoded_bytes:
             raise ImageRejected(
-                413, f"{what} ({width}x{height}, mode {mode}) would take {n_bytes} bytes to decode, "
+                413, f"{what} ({width}x{height}, mode {mode}) would take {n_bytes} bytes to decode and answer, "
                      f"over the limit of {self.max_decoded_bytes} decoded bytes per image")
 
     def reduction_for(self, width: int, height: int) -> int:
@@ -156,7 +163,7 @@ class ImageHeader:
     frames: int
     decode_width: int  # what the decoder will produce (JPEG draft: already reduced)
     decode_height: int
-    decoded_bytes: int  # estimated peak allocation of decoding and converting to RGB
+    decoded_bytes: int  # estimated bytes decoding, converting and answering will hold (after the checks)
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,9 @@ def decode_image(data: bytes, content_type: str | None = None,
 
 def _check_header(header: ImageHeader, limits: ImageLimits) -> ImageHeader:
     what = f"{header.format} image"
+    reduction = limits.reduction_for(header.decode_width, header.decode_height)
+    frame_pixels = math.ceil(header.decode_width / reduction) * math.ceil(header.decode_height / reduction)
+    header = dataclasses.replace(header, decoded_bytes=header.decoded_bytes + frame_pixels * FRAME_BYTES_PER_PIXEL)
     limits.check_pixel_count(header.width, header.height, what)
     limits.check_aspect_ratio(header.width, header.height, what)
     limits.check_decoded_bytes(header.decoded_bytes, header.decode_width, header.decode_height, header.mode, what)

@@ -21,8 +21,10 @@ MEDATTN_POLL_SECONDS        poll_seconds            30 (how often the champion a
 MEDATTN_MAX_UPLOAD_BYTES    max_upload_bytes        20 MiB per request
 MEDATTN_MAX_IMAGE_PIXELS    max_image_pixels        50 000 000 per image
 MEDATTN_MAX_BATCH_IMAGES    max_batch_images        16 images per /predict_batch
-MEDATTN_MAX_DECODED_BYTES   max_decoded_bytes       512 MiB a decode may allocate (estimated from the header)
-MEDATTN_MAX_BATCH_DECODED_BYTES  max_batch_decoded_bytes  1 GiB: the same estimate summed over one request
+MEDATTN_MAX_DECODED_BYTES   max_decoded_bytes       1 GiB an image may hold, decode to answer (from the header)
+MEDATTN_MAX_BATCH_DECODED_BYTES  max_batch_decoded_bytes  2 GiB: the same estimate summed over one request
+MEDATTN_MAX_INFLIGHT_DECODED_BYTES  max_inflight_decoded_bytes  8 GiB per API worker, all requests together
+MEDATTN_DECODE_WAIT_SECONDS  decode_wait_seconds    30 (a request waiting longer for that budget is a 503)
 MEDATTN_MAX_FRAME_PIXELS    max_frame_pixels        16 777 216 (4096x4096): larger images are reduced to this
 MEDATTN_MAX_ASPECT_RATIO    max_aspect_ratio        4 (long side / short side; wider images are refused)
 MEDATTN_MAX_FEEDBACK_MASK_PIXELS  max_feedback_mask_pixels  67 108 864: brush-mask pixels per feedback
@@ -104,6 +106,8 @@ class ServingSettings:
     torch_threads: int = 0
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     max_batch_decoded_bytes: int = DEFAULT_MAX_BATCH_DECODED_BYTES
+    max_inflight_decoded_bytes: int = 8 * 1024**3
+    decode_wait_seconds: float = 30.0
     max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     max_feedback_mask_pixels: int = MAX_MASK_PIXELS_PER_FEEDBACK
@@ -164,6 +168,9 @@ class ServingSettings:
                                       where("max_decoded_bytes"), 1),
             max_batch_decoded_bytes=_number(raw.get("max_batch_decoded_bytes", DEFAULT_MAX_BATCH_DECODED_BYTES),
                                             int, where("max_batch_decoded_bytes"), 1),
+            max_inflight_decoded_bytes=_number(raw.get("max_inflight_decoded_bytes", 8 * 1024**3), int,
+                                               where("max_inflight_decoded_bytes"), 1),
+            decode_wait_seconds=_number(raw.get("decode_wait_seconds", 30.0), float, where("decode_wait_seconds"), 0),
             max_frame_pixels=_number(raw.get("max_frame_pixels", DEFAULT_MAX_FRAME_PIXELS), int,
                                      where("max_frame_pixels"), 1),
             max_aspect_ratio=_number(raw.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO), float,

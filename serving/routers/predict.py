@@ -9,7 +9,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from medattn.serving.backend import Upload
+from medattn.serving.decode_budget import DecodeBudget
 from medattn.serving.imaging import ACCEPTED_CONTENT_TYPES, ImageLimits, ImageRejected, probe_image
+from medattn.serving.settings import ServingSettings
 from serving import openapi_docs as docs
 from serving.request_body import file_field, media_type, read_body, read_form, truthy_field, upload_of
 from serving.routers.context import AuthHeader, backend
@@ -22,10 +24,23 @@ FRAME_DOC = ("The attention map (`attention_png`) and the `image` size answered 
              "MEDATTN_MAX_FRAME_PIXELS pixels, reduced by an integer factor. ROIs sent to /feedback use this "
              "frame. 413 names the limit passed: bytes, pixels, decoded bytes per image "
              "(MEDATTN_MAX_DECODED_BYTES) or per request (MEDATTN_MAX_BATCH_DECODED_BYTES); 422 an image "
-             "wider than MEDATTN_MAX_ASPECT_RATIO.")
+             "wider than MEDATTN_MAX_ASPECT_RATIO; 503 when the worker already decodes "
+             "MEDATTN_MAX_INFLIGHT_DECODED_BYTES for other requests and this one waited "
+             "MEDATTN_DECODE_WAIT_SECONDS.")
 
 
-def check_batch_decoded_bytes(uploads: list[Upload], limits: ImageLimits, max_batch_decoded_bytes: int) -> None:
+_budget: Optional[DecodeBudget] = None
+
+
+def decode_budget(settings: ServingSettings) -> DecodeBudget:
+    """This process's budget of decoded bytes in flight (one per API worker)."""
+    global _budget
+    if _budget is None:
+        _budget = DecodeBudget(settings.max_inflight_decoded_bytes, settings.decode_wait_seconds)
+    return _budget
+
+
+def check_batch_decoded_bytes(uploads: list[Upload], limits: ImageLimits, max_batch_decoded_bytes: int) -> int:
     """Read every header first: the request is refused before any image of it is decoded.
 
     Per-image problems (format, pixels, decoded bytes, aspect ratio) are answered here too, named
@@ -33,6 +48,8 @@ def check_batch_decoded_bytes(uploads: list[Upload], limits: ImageLimits, max_ba
     """
     total = 0
     for index, upload in enumerate(uploads):
+        if len(uploads) == 1:
+            return probe_image(upload.data, upload.content_type, limits).decoded_bytes
         try:
             total += probe_image(upload.data, upload.content_type, limits).decoded_bytes
         except ImageRejected as exc:
@@ -41,6 +58,7 @@ def check_batch_decoded_bytes(uploads: list[Upload], limits: ImageLimits, max_ba
         raise ImageRejected(413, f"the {len(uploads)} images would take {total} bytes to decode, over the "
                                  f"limit of {max_batch_decoded_bytes} decoded bytes per request; send fewer "
                                  "or smaller images per request")
+    return total
 
 
 @router.post("/predict", summary="Predict one image, with its attention map",
@@ -64,7 +82,10 @@ async def predict(request: Request, raw_attention: bool = RawAttentionQuery,
     else:
         raise ImageRejected(415, f"content type {media or 'none'!r}: send multipart/form-data with an "
                                  f"'image' file, or the image bytes as one of {', '.join(ACCEPTED_CONTENT_TYPES)}")
-    [payload] = await svc.predict([upload], raw_attention)
+    cost = await to_thread.run_sync(check_batch_decoded_bytes, [upload], svc.settings.image_limits,
+                                    svc.settings.max_batch_decoded_bytes)
+    async with decode_budget(svc.settings).reserve(cost):
+        [payload] = await svc.predict([upload], raw_attention)
     return JSONResponse(payload)
 
 
@@ -89,7 +110,9 @@ async def predict_batch(request: Request, raw_attention: bool = RawAttentionQuer
     if len(values) > limit:
         raise ImageRejected(413, f"{len(values)} images in one request, over the limit of {limit}")
     uploads = [await upload_of(value, "images") for value in values]
-    await to_thread.run_sync(check_batch_decoded_bytes, uploads, svc.settings.image_limits,
-                             svc.settings.max_batch_decoded_bytes)
+    cost = await to_thread.run_sync(check_batch_decoded_bytes, uploads, svc.settings.image_limits,
+                                    svc.settings.max_batch_decoded_bytes)
     raw_attention = raw_attention or truthy_field(form.get("raw_attention", ""), "raw_attention")
-    return JSONResponse(await svc.predict(uploads, raw_attention))
+    async with decode_budget(svc.settings).reserve(cost):
+        payloads = await svc.predict(uploads, raw_attention)
+    return JSONResponse(payloads)

@@ -4,7 +4,8 @@
   declaring a large image, batches of them, brush masks declaring huge sizes) are sent while a
   sampler thread reads the RSS of every process of the server (API worker and model runner) with
   psutil; each process's peak stays within the configured per-request decode budget of its
-  baseline. Refusals are 413s naming the limit.
+  baseline, also while eight clients send at once (they share a budget of decoded bytes in
+  flight). Refusals are 413s naming the limit.
 - The frame: an EXIF-rotated JPEG is predicted upright and ROIs drawn on the displayed image fit.
 - Stored uploads: what the blob store keeps has no trailing bytes and no text chunks; an image of
   a refused aspect ratio is not stored; blobs of uncited predictions expire, cited ones stay.
@@ -17,6 +18,7 @@ import io
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -48,6 +50,9 @@ def service(registry) -> Iterator[Served]:
         MEDATTN_MAX_DECODED_BYTES=str(MAX_DECODED_BYTES),
         MEDATTN_MAX_BATCH_DECODED_BYTES=str(MAX_BATCH_DECODED_BYTES),
         MEDATTN_MAX_FRAME_PIXELS=str(MAX_FRAME_PIXELS),
+        # Concurrent requests share one request's budget: they queue rather than add up.
+        MEDATTN_MAX_INFLIGHT_DECODED_BYTES=str(MAX_BATCH_DECODED_BYTES),
+        MEDATTN_DECODE_WAIT_SECONDS="300",
         MEDATTN_MAX_BATCH_IMAGES="16",
         MEDATTN_MAX_FEEDBACK_MASK_PIXELS=str(4 * 2**20),
         MEDATTN_UPLOAD_RETENTION_HOURS=str(RETENTION_HOURS),
@@ -136,12 +141,18 @@ class RssSampler:
         self._thread.join()
 
     def growth(self) -> dict[str, int]:
-        names = {p.pid: f"{p.pid} {' '.join(p.cmdline()[-4:])[-60:]}" for p in self.processes}
+        names = {p.pid: f"{p.pid} {' '.join(p.cmdline())[-160:]}" for p in self.processes}
         return {names[pid]: self.peak[pid] - self.baseline[pid] for pid in self.peak}
 
 
 def rle_brush(side: int) -> dict:
     return {"shape": "brush", "kind": "relevant", "rle": {"width": side, "height": side, "counts": [side * side]}}
+
+
+def concurrent_batch(service: Served, images: list[bytes]) -> int:
+    with httpx.Client(base_url=service.url, timeout=300) as own_client:
+        content_type = "image/jpeg" if images[0].startswith(b"\xff\xd8") else "image/png"
+        return predict_batch(own_client, service, images, content_type).status_code
 
 
 def test_bombs_of_every_shape_are_refused_or_reduced_within_the_memory_budget(client, service):
@@ -174,6 +185,11 @@ def test_bombs_of_every_shape_are_refused_or_reduced_within_the_memory_budget(cl
             assert_refused(one_mask, 413, "mask pixels per feedback")
             wrong_size = feedback(client, service, drafted.json()["request_id"], [rle_brush(1024)])
             assert_refused(wrong_size, 422, f"but the image is {frame['width']}x{frame['height']}")
+        # Eight clients at once, each within its request budget: together they must not add up.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda i: concurrent_batch(service, [big_jpeg] * 4 if i % 2 else [one_bit] * 2),
+                                    range(16)))
+        assert sorted(set(answers)) == [200, 413], answers
     growth = rss.growth()
     print("peak RSS growth per server process (bytes):", growth)
     assert len(growth) >= 3  # arbiter, API worker, model runner

@@ -79,7 +79,7 @@ def test_a_cuda_device_without_cuda_is_accepted_and_served_on_the_cpu(repo, monk
 
 def test_memory_limits_and_upload_policy_have_defaults_and_reach_the_image_limits(repo):
     defaults = ServingSettings.from_env({}, repo_root=repo)
-    assert (defaults.max_decoded_bytes, defaults.max_batch_decoded_bytes) == (512 * 2**20, 2**30)
+    assert (defaults.max_decoded_bytes, defaults.max_batch_decoded_bytes) == (2**30, 2**31)
     assert defaults.max_frame_pixels == 4096 * 4096 and defaults.max_aspect_ratio == 4.0
     assert defaults.stored_upload == "reencoded" and defaults.strip_metadata is True
     assert defaults.upload_retention_hours == 720.0 and defaults.max_feedback_mask_pixels == 8192 * 8192

@@ -61,7 +61,7 @@ def test_probe_reads_the_header_and_estimates_what_decoding_allocates():
     data = encode(noise(60, 50), "PNG")
     header = probe_image(data, "image/png")
     assert (header.format, header.width, header.height, header.mode) == ("PNG", 60, 50, "RGB")
-    assert header.decoded_bytes == 60 * 50 * (4 + 4)
+    assert header.decoded_bytes == 60 * 50 * (4 + 4 + imaging.FRAME_BYTES_PER_PIXEL)
 
 
 def test_a_large_jpeg_is_drafted_down_during_decoding_and_reduced_to_the_frame():
@@ -69,7 +69,7 @@ def test_a_large_jpeg_is_drafted_down_during_decoding_and_reduced_to_the_frame()
     limits = ImageLimits(max_frame_pixels=40_000)
     header = probe_image(data, "image/jpeg", limits)
     assert header.decode_width < 1600 and header.decode_height < 1200  # draft: 1/2, 1/4 or 1/8 scale
-    assert header.decoded_bytes < imaging.pil_decoded_bytes(1600, 1200, "RGB")
+    assert header.decoded_bytes < imaging.pil_decoded_bytes(1600, 1200, "RGB") + 40_000 * imaging.FRAME_BYTES_PER_PIXEL
     decoded = decode_image(data, "image/jpeg", limits)
     assert decoded.width * decoded.height <= 40_000
     assert decoded.reduction > 1 and not decoded.frame_is_stored_pixels
@@ -79,7 +79,7 @@ def test_a_large_jpeg_is_drafted_down_during_decoding_and_reduced_to_the_frame()
 def test_a_jpeg_too_big_to_decode_whole_fits_the_budget_once_drafted():
     data = encode(noise(1600, 1200), "JPEG", quality=80)
     full_cost = imaging.pil_decoded_bytes(1600, 1200, "RGB")
-    limits = ImageLimits(max_decoded_bytes=full_cost // 4, max_frame_pixels=200_000)
+    limits = ImageLimits(max_decoded_bytes=full_cost // 2, max_frame_pixels=200_000)
     decoded = decode_image(data, "image/jpeg", limits)
     assert decoded.width * decoded.height <= 200_000
     with pytest.raises(ImageRejected) as info:  # the same budget without draft: refused
@@ -143,7 +143,14 @@ def test_dicom_cost_comes_from_rows_columns_and_bits_before_pixel_data_is_read(m
     with pytest.raises(ImageRejected) as info:
         decode_image(data, "application/dicom", limits)
     assert info.value.status_code == 413 and "decoded bytes per image" in str(info.value)
-    assert probe_image(data, None, ImageLimits()).decoded_bytes == 4000 * 4000 * (2 + 16 + 4)
+    cost = probe_image(data, None, ImageLimits(max_decoded_bytes=2**31)).decoded_bytes
+    assert cost == 4000 * 4000 * (2 + 16 + 4 + imaging.FRAME_BYTES_PER_PIXEL)
+
+
+def test_the_default_limits_take_an_image_at_the_pixel_cap():
+    limits = ImageLimits()
+    header = imaging.ImageHeader("PNG", 7000, 7000, "RGB", 1, 7000, 7000, imaging.pil_decoded_bytes(7000, 7000, "RGB"))
+    assert imaging._check_header(header, limits).decoded_bytes <= limits.max_decoded_bytes
 
 
 def test_reduction_for_always_fits_the_frame():
