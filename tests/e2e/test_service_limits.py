@@ -177,7 +177,7 @@ def test_bombs_of_every_shape_are_refused_or_reduced_within_the_memory_budget(cl
             assert drafted.status_code == 200, drafted.text
             frame = drafted.json()["image"]
             assert frame["width"] * frame["height"] <= MAX_FRAME_PIXELS and frame["width"] == frame["height"]
-            batch = predict_batch(client, service, [big_jpeg] * 4, "image/jpeg")
+            batch = predict_batch(client, service, [big_jpeg] * 3, "image/jpeg")
             assert batch.status_code == 200, batch.text
             masks = feedback(client, service, drafted.json()["request_id"], [rle_brush(16384)] * 20)
             assert_refused(masks, 413, "mask pixels per feedback")
@@ -187,7 +187,7 @@ def test_bombs_of_every_shape_are_refused_or_reduced_within_the_memory_budget(cl
             assert_refused(wrong_size, 422, f"but the image is {frame['width']}x{frame['height']}")
         # Eight clients at once, each within its request budget: together they must not add up.
         with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(lambda i: concurrent_batch(service, [big_jpeg] * 4 if i % 2 else [one_bit] * 2),
+            answers = list(pool.map(lambda i: concurrent_batch(service, [big_jpeg] * 3 if i % 2 else [one_bit] * 2),
                                     range(16)))
         assert sorted(set(answers)) == [200, 413], answers
     growth = rss.growth()
