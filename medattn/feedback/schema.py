@@ -33,6 +33,7 @@ import json
 from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from PIL import Image
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -55,6 +56,9 @@ MAX_NAME_LENGTH = 200
 # Base64 of an 8 MiB PNG; a full-image brush mask compresses far below this.
 MAX_MASK_PNG_BASE64_CHARS = 8 * 1024 * 1024 * 4 // 3 + 64
 MAX_IMAGE_SIDE = 16384
+# Brush-mask pixels one submission may declare in all (8192 x 8192, 64 MiB of boolean mask);
+# the service passes its setting MEDATTN_MAX_FEEDBACK_MASK_PIXELS to parse_submission.
+MAX_MASK_PIXELS_PER_FEEDBACK = 8192 * 8192
 
 # Values of the combined feedback map (see the module docstring).
 RELEVANT = 255
@@ -76,6 +80,12 @@ class InvalidFeedback(FeedbackError):
     def __init__(self, message: str, problems: Optional[list[str]] = None) -> None:
         super().__init__(message)
         self.problems = problems or [message]
+
+
+class FeedbackTooLarge(FeedbackError):
+    """The submission asks for more work than a limit allows (mask pixels)."""
+
+    status_code = 413
 
 
 class UnknownRequest(FeedbackError):
@@ -214,29 +224,51 @@ class RunLengthMask(_Model):
 
 
 class BrushRoi(_RoiBase):
+    """A painted mask over the whole image: a PNG (base64) or run lengths.
+
+    The mask's size is read from its header (the RLE ``width``/``height``, the PNG's IHDR) and
+    compared with the image *before* a pixel is decoded, so a small body declaring a huge mask
+    costs nothing; the pixels are decoded only once the size fits.
+    """
+
     shape: Literal["brush"]
     kind: RoiKind
     mask_png_base64: Optional[str] = Field(default=None, max_length=MAX_MASK_PNG_BASE64_CHARS)
     rle: Optional[RunLengthMask] = None
+    _png: Optional[Image.Image] = PrivateAttr(default=None)
     _mask: Optional[np.ndarray] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _decode(self) -> "BrushRoi":
+    def _read_header(self) -> "BrushRoi":
         if (self.mask_png_base64 is None) == (self.rle is None):
             raise ValueError("a brush needs exactly one of mask_png_base64 or rle")
         if self.mask_png_base64 is not None:
-            # Decode now so a damaged PNG is a 422 at submission, not a failure at retraining.
+            # The header only (Image.open reads IHDR): not base64, not a PNG -> 422 at once.
             try:
-                self._mask = rasterize.png_mask_to_array(rasterize.open_png_mask(self.mask_png_base64))
+                self._png = rasterize.open_png_mask(self.mask_png_base64)
             except ValueError as exc:
                 raise ValueError(f"mask_png_base64 {exc}") from None
         return self
 
+    @property
+    def declared_size(self) -> tuple[int, int]:
+        """(width, height) the mask says it has, known without decoding it."""
+        if self.rle is not None:
+            return self.rle.width, self.rle.height
+        assert self._png is not None
+        return self._png.size
+
     def mask(self) -> np.ndarray:
-        """Boolean (H, W) painted mask."""
+        """Boolean (H, W) painted mask (decoded on first use)."""
         if self._mask is None:
-            assert self.rle is not None
-            self._mask = rasterize.decode_rle(self.rle.counts, self.rle.width, self.rle.height)
+            if self.rle is not None:
+                self._mask = rasterize.decode_rle(self.rle.counts, self.rle.width, self.rle.height)
+            else:
+                assert self._png is not None
+                try:
+                    self._mask = rasterize.png_mask_to_array(self._png)
+                except ValueError as exc:
+                    raise InvalidFeedback(f"brush mask_png_base64 {exc}") from None
         return self._mask
 
     def rasterize(self, height: int, width: int) -> np.ndarray:
@@ -246,7 +278,7 @@ class BrushRoi(_RoiBase):
         return self.mask()
 
     def outside(self, height: int, width: int) -> Optional[str]:
-        mask_h, mask_w = self.mask().shape
+        mask_w, mask_h = self.declared_size
         if (mask_w, mask_h) != (width, height):
             return f"mask is {mask_w}x{mask_h} but the image is {width}x{height}"
         return None
@@ -303,7 +335,11 @@ def _roi_problem(roi: Roi, width: int, height: int) -> Optional[str]:
     problem = roi.outside(height=height, width=width)
     if problem is not None:
         return problem
-    if not roi.rasterize(height=height, width=width).any():
+    try:
+        covered = roi.rasterize(height=height, width=width).any()
+    except InvalidFeedback as exc:  # a PNG mask whose pixels turn out damaged
+        return str(exc).removeprefix("brush ")
+    if not covered:
         return "covers no pixel centre (draw a larger region)" if roi.shape != "brush" else "paints no pixel"
     return None
 
@@ -316,15 +352,27 @@ def feedback_map(rois: Sequence[Roi], width: int, height: int) -> np.ndarray:
     return out
 
 
-def parse_submission(raw: Union[bytes, str, Mapping[str, Any]]) -> FeedbackSubmission:
-    """Parse a JSON body (or an already decoded mapping); errors become :class:`InvalidFeedback`."""
+def parse_submission(raw: Union[bytes, str, Mapping[str, Any]],
+                     max_mask_pixels: int = MAX_MASK_PIXELS_PER_FEEDBACK) -> FeedbackSubmission:
+    """Parse a JSON body (or an already decoded mapping); errors become :class:`InvalidFeedback`.
+
+    ``max_mask_pixels`` bounds the brush-mask pixels the submission declares in all (413 past it),
+    checked from the masks' headers before any is decoded.
+    """
     try:
         if isinstance(raw, (bytes, str)):
-            return FeedbackSubmission.model_validate_json(raw)
-        return FeedbackSubmission.model_validate(raw)
+            submission = FeedbackSubmission.model_validate_json(raw)
+        else:
+            submission = FeedbackSubmission.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(error) for error in exc.errors(include_url=False)]
         raise InvalidFeedback("; ".join(problems), problems) from None
+    declared = sum(w * h for roi in submission.rois if isinstance(roi, BrushRoi)
+                   for w, h in [roi.declared_size])
+    if declared > max_mask_pixels:
+        raise FeedbackTooLarge(f"brush masks declare {declared} pixels in all, over the limit of "
+                               f"{max_mask_pixels} mask pixels per feedback")
+    return submission
 
 
 _ROI_TAGS = {"rectangle", "polygon", "brush"}

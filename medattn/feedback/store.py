@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -42,6 +42,7 @@ from sqlalchemy import (
     Uuid,
     and_,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -327,6 +328,37 @@ class FeedbackStore:
                                        "for another prediction") from None
             return existing
 
+    def expire_uncited_predictions(self, older_than: datetime, delete_blob: Callable[[str], None],
+                                   batch_size: int = 500) -> tuple[int, int]:
+        """Forget predictions made before ``older_than`` that no feedback cites, with their images.
+
+        Returns ``(predictions, blobs)`` removed. An image is deleted (``delete_blob(sha256)``) only
+        when no remaining prediction and no feedback record refers to it, and inside the write
+        transaction that deletes its last prediction: a feedback insert citing one of them waits
+        for that transaction and then fails its foreign key (answered 404), and a prediction
+        recorded after it re-stores its image (``BlobStore.put`` after ``record_prediction``).
+        """
+        cited = select(feedback.c.request_id).where(feedback.c.request_id.is_not(None))
+        removed_predictions = removed_blobs = 0
+        while True:
+            with self._transaction(write=True) as conn:
+                rows = conn.execute(select(predictions.c.request_id, predictions.c.image_sha256)
+                                    .where(predictions.c.created_at < _as_utc(older_than),
+                                           predictions.c.request_id.not_in(cited))
+                                    .limit(batch_size)).all()
+                if not rows:
+                    return removed_predictions, removed_blobs
+                conn.execute(delete(predictions).where(predictions.c.request_id.in_([r.request_id for r in rows])))
+                shas = {r.image_sha256 for r in rows}
+                still_used = set(conn.execute(select(predictions.c.image_sha256)
+                                              .where(predictions.c.image_sha256.in_(shas))).scalars())
+                still_used |= set(conn.execute(select(feedback.c.image_sha256)
+                                               .where(feedback.c.image_sha256.in_(shas))).scalars())
+                for sha256 in sorted(shas - still_used):
+                    delete_blob(sha256)
+                    removed_blobs += 1
+                removed_predictions += len(rows)
+
     def get_prediction(self, request_id: str) -> PredictionRecord:
         with self._transaction() as conn:
             row = conn.execute(select(predictions).where(predictions.c.request_id == request_id)).first()
@@ -375,6 +407,8 @@ class FeedbackStore:
             # A concurrent request with the same key won the race: answer as its replay.
             if idempotency_key is not None and (replay := self._replay(idempotency_key, body_sha256, given_key)):
                 return replay, False
+            if submission.request_id is not None:
+                self.get_prediction(submission.request_id)  # expired meanwhile: UnknownRequest (404)
             raise
         return record, True
 
