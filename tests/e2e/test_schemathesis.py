@@ -22,7 +22,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
-
 from service_harness import Served
 
 pytestmark = pytest.mark.e2e

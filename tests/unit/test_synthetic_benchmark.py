@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.stats import chi2_contingency
 
-from medattn.config import Params, DataParams, SyntheticParams, validate_params
+from medattn.config import DataParams, Params, SyntheticParams, validate_params
 from medattn.data.benchmark_lesions import (
     MACULA_RADIUS,
     SEVERE_HAEMORRHAGES,
