@@ -52,6 +52,10 @@ def model_history(model_name: str, tracking_uri: str, metric_key: str = DEFAULT_
     with mlflow_errors(tracking_uri):
         require_model(client, model_name)
         history = champion_history(client, model_name)
+        # search results carry no aliases (MLflow fills them only on single-version reads)
+        aliases_of: dict[str, list[str]] = {}
+        for alias, number in client.get_registered_model(model_name).aliases.items():
+            aliases_of.setdefault(str(number), []).append(alias)
         entries = []
         for found in client.search_model_versions(f"name = {quoted(model_name)}"):
             metrics: dict[str, float] = {}
@@ -62,7 +66,8 @@ def model_history(model_name: str, tracking_uri: str, metric_key: str = DEFAULT_
                     metrics = {}  # run deleted: the version is still listed, unmeasured
             number = version_number(found)
             entries.append(VersionEntry(
-                version=number, aliases=tuple(sorted(found.aliases)), created_ms=int(found.creation_timestamp or 0),
+                version=number, aliases=tuple(sorted(aliases_of.get(number, []))),
+                created_ms=int(found.creation_timestamp or 0),
                 run_id=found.run_id or None, metric=metric_of(client, found, metric_key), metrics=metrics,
                 tags={k: str(v) for k, v in found.tags.items() if k in _HISTORY_TAGS},
                 was_champion=number in history))

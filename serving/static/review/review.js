@@ -354,7 +354,8 @@ function deleteSelected() { if (state.selected < 0) return; beginEdit(); state.r
 function setKind(kind) {
   state.kind = kind;
   document.querySelectorAll("#kinds button").forEach((b) => b.classList.toggle("active", b.dataset.kind === kind));
-  const roi = state.rois[state.selected];
+  // while drawing, 1 / 2 choose the kind of the next region; with the select tool they edit one
+  const roi = state.tool === "select" ? state.rois[state.selected] : null;
   if (roi && roi.kind !== kind) { beginEdit(); roi.kind = kind; roi._dirty = true; commitRois(); }
 }
 
@@ -367,7 +368,10 @@ function refreshRoiList() {
       : roi.shape === "polygon" ? `polygon, ${roi.points.length} points` : `brush, ${roi.mask.reduce((a, b) => a + b, 0)} px`;
     li.innerHTML = `<span class="swatch" style="background:${KIND_COLOUR[roi.kind]}"></span><span class="what">${i + 1}. ${roi.kind} ${what}</span>`;
     const flip = document.createElement("button"); flip.textContent = "⇄"; flip.title = "relevant ⇄ irrelevant";
-    flip.onclick = (e) => { e.stopPropagation(); state.selected = i; setKind(roi.kind === "relevant" ? "irrelevant" : "relevant"); };
+    flip.onclick = (e) => {
+      e.stopPropagation(); beginEdit(); roi.kind = roi.kind === "relevant" ? "irrelevant" : "relevant"; roi._dirty = true;
+      state.selected = i; commitRois();
+    };
     const del = document.createElement("button"); del.textContent = "✕"; del.title = "delete";
     del.onclick = (e) => { e.stopPropagation(); state.selected = i; deleteSelected(); };
     li.append(flip, del);
@@ -597,7 +601,13 @@ function setPrediction(payload, method, requestId) {
   rebuildLayers(); buildPanelsKeepView(); refreshRoiList();
 }
 
-function buildPanelsKeepView() { const v = { ...state.view }; buildPanels(); state.view = v; draw(); }
+// Same layout: keep the expert's zoom and pan. New layout (differences on/off): panels changed
+// size, so fit the image again.
+function buildPanelsKeepView() {
+  const before = panels.length, v = { ...state.view };
+  buildPanels();
+  if (panels.length === before) { state.view = v; draw(); } else fitView();
+}
 
 async function onFile(file) {
   if (!file) return;
@@ -786,7 +796,8 @@ function setTool(tool) {
 const TOOL_KEYS = { v: "select", h: "pan", r: "rectangle", p: "polygon", b: "brush", w: "windowlevel" };
 
 document.addEventListener("keydown", (e) => {
-  if (e.target.closest("input, textarea, select") || !$("confirm").hidden) return;
+  // letters typed into a text field are text; sliders and checkboxes do not swallow the tool keys
+  if (e.target.closest("input:not([type=range]):not([type=checkbox]), textarea, select") || !$("confirm").hidden) return;
   const k = e.key.toLowerCase();
   if ((e.ctrlKey || e.metaKey) && k === "z") { e.preventDefault(); e.shiftKey ? redo() : undo(); return; }
   if ((e.ctrlKey || e.metaKey) && k === "y") { e.preventDefault(); redo(); return; }
