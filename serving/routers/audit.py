@@ -3,7 +3,7 @@
 The append-only audit table itself belongs to ``medattn.feedback.audit`` (built beside this
 router, by another change). This route is written against the small interface below, so it lists
 whatever that table holds without knowing its storage; until the module exists the route answers
-501 with a one-line reason instead of pretending the trail is empty.
+404 with a one-line reason (the resource is not there; not a server fault, and not an empty trail).
 
 Expected of ``medattn.feedback.audit``: ``AuditLog(database_url)`` whose ``list_events(since=,
 limit=, offset=)`` returns events oldest first, each a mapping or an object with ``to_json()``.
@@ -40,7 +40,7 @@ def open_trail(svc: ServingBackend) -> AuditTrail:
     except ModuleNotFoundError as exc:
         if exc.name != AUDIT_MODULE:
             raise  # the module exists but is broken: a bug, not a missing feature
-        raise HttpProblem(501, f"the audit table ({AUDIT_MODULE}) is not part of this build") from None
+        raise HttpProblem(404, f"the audit table ({AUDIT_MODULE}) is not part of this build") from None
     return module.AuditLog(svc.settings.feedback_db)
 
 

@@ -331,4 +331,9 @@ def test_review_api_errors(served: Served) -> None:
     assert history["versions"][1]["metric"] == pytest.approx(0.6)
     assert httpx.get(f"{url}/audit", headers=expert, timeout=30).status_code == 403
     audit = httpx.get(f"{url}/audit", headers=served.headers("admin"), timeout=30)
-    assert audit.status_code in (200, 501), audit.text
+    # 200 once medattn.feedback.audit is in the build; until then a clear 404, never a 5xx
+    assert audit.status_code in (200, 404), audit.text
+    if audit.status_code == 404:
+        assert "audit table" in audit.json()["detail"]
+    else:
+        assert isinstance(audit.json()["items"], list)

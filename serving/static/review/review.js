@@ -728,9 +728,9 @@ async function refreshModels() {
     if (v.aliases.includes("champion")) tr.className = "champion";
     const figs = Object.entries(v.metrics).filter(([k]) => k !== history.metric_key && !k.includes("epoch"))
       .slice(0, 4).map(([k, x]) => `${k.replace(/^test_/, "")} ${x.toFixed(3)}`).join(" · ");
-    const tags = v.tags.rolled_back ? " · rolled back" : "";
+    const notes = [figs, v.tags.rolled_back ? "rolled back" : ""].filter(Boolean).join(" · ");
     tr.innerHTML = `<td>${v.version}</td><td>${v.aliases.map((a) => `<span class="alias ${a}">${a}</span>`).join("")}</td>`
-      + `<td>${v.metric === null ? "–" : v.metric.toFixed(3)}</td><td class="figs">${figs || "–"}${tags}</td>`;
+      + `<td>${v.metric === null ? "–" : v.metric.toFixed(3)}</td><td class="figs">${notes || "–"}</td>`;
     body.append(tr);
   }
   state.aliases = { challenger, champion, history: history.champion_history };
