@@ -18,6 +18,8 @@ import httpx
 import pytest
 from service_harness import MODEL_NAME, Served, ServerProcess, start_served
 
+from medattn.feedback.store import scoped_idempotency_key
+
 pytestmark = pytest.mark.e2e
 
 N_POSTS = 600
@@ -131,7 +133,9 @@ def test_every_acknowledged_feedback_survives_a_sigkill_exactly_once(registry):
             assert next(i for i in stored if i["id"] == feedback_id)["comment"] == payloads[key]["comment"]
         with sqlite3.connect(served.state_dir / "feedback.db") as db:
             keys_in_db = Counter(k for (k,) in db.execute("SELECT idempotency_key FROM feedback"))
-        assert keys_in_db == Counter(list(payloads)), "one row per Idempotency-Key"
+        # keys are stored scoped to the caller (the token's name, here the expert role's token)
+        expected_keys = Counter(scoped_idempotency_key("expert", key) for key in payloads)
+        assert keys_in_db == expected_keys, "one row per Idempotency-Key"
     finally:
         if restarted is not None:
             restarted.stop()
