@@ -120,7 +120,7 @@ def test_logged_model_carries_its_code_and_installable_pins(registered, tmp_path
 def test_mlflow_models_serve_answers_invocations_with_the_same_probabilities(registered, registry_env, tmp_path):
     import httpx
 
-    from medattn.serving.process import free_port
+    from tests.server_process import free_port
 
     port = free_port()
     log_path = tmp_path / "serve.log"
