@@ -178,7 +178,8 @@ def test_train_device_is_not_a_dependency_but_training_keys_are(newcomer) -> Non
         workspace.set_params(**{"train.device": "cuda"})
         assert workspace.stale_stages() == set(), "changing train.device makes dvc consider stages changed"
         workspace.set_params(**{"train.lr": original["train"]["lr"] * 2})
-        assert {"train", "evaluate", "register"} <= workspace.stale_stages()
+        # `dvc status` lists the directly changed stage; repro then reruns what depends on it
+        assert "train" in workspace.stale_stages()
         assert "prepare" not in workspace.stale_stages() and "validate" not in workspace.stale_stages()
     finally:
         workspace.write_params(original)
