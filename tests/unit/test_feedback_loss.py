@@ -21,10 +21,21 @@ import torch
 from medattn.config import ModelParams, TrainParams
 from medattn.errors import ParamError
 from medattn.feedback.schema import IRRELEVANT, RELEVANT, UNTOUCHED
-from medattn.training.feedback_loss import (GLOBAL_MAP, INPUT_GRADIENT, NO_LABEL, PER_IMAGE_MAP, FeedbackLoss,
-                                            FeedbackTargets, adjusted_target, combined_global_target,
-                                            explanation_maps, map_distance, mechanism_for, region_shares,
-                                            thawed_state)
+from medattn.training.feedback_loss import (
+    GLOBAL_MAP,
+    INPUT_GRADIENT,
+    NO_LABEL,
+    PER_IMAGE_MAP,
+    FeedbackLoss,
+    FeedbackTargets,
+    adjusted_target,
+    combined_global_target,
+    explanation_maps,
+    map_distance,
+    mechanism_for,
+    region_shares,
+    thawed_state,
+)
 from medattn.training.fit import LabelledImages, fit
 
 SIZE = 24
