@@ -104,6 +104,86 @@ def model_rollback(params: ParamsOption = Path("params.yaml"), name: NameOption 
     typer.echo(f"{model_name}: champion rolled back to version {info.version}")
 
 
+StateOption = Annotated[Path, typer.Option("--state-dir", envvar="MEDATTN_STATE_DIR",
+                                           help="state folder (feedback DB, blobs, scheduler state and locks)")]
+
+
+def _recalibration_job(params_path: Path, state_dir: Path, snapshot: Path, dataset: Path, actor: str):
+    """(params, store, job): the job exports a fresh snapshot and recalibrates from it."""
+    from medattn.feedback.blobs import BlobStore
+    from medattn.feedback.export import export_snapshot
+    from medattn.feedback.recalibration import recalibrate
+    from medattn.feedback.store import FeedbackStore
+
+    params = load_params(params_path)
+    store = FeedbackStore(os.environ.get("MEDATTN_FEEDBACK_DB") or f"sqlite:///{state_dir / 'feedback.db'}")
+    blobs = BlobStore(os.environ.get("MEDATTN_BLOB_DIR") or state_dir / "blobs")
+
+    def job():
+        export_snapshot(store, blobs, snapshot)
+        result = recalibrate(params, snapshot, dataset, store, actor=actor,
+                             out_path=Path("reports/recalibrate/result.json"))
+        typer.echo(f"{result.model_name} v{result.version} (from v{result.parent_version}): {result.reason}"
+                   + (" -> champion" if result.promoted else ""))
+        return result
+
+    return params, store, job
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    params: ParamsOption = Path("params.yaml"),
+    state_dir: StateOption = Path(".medattn"),
+    snapshot: Annotated[Path, typer.Option(help="feedback snapshot folder to (re)export and train from")]
+    = Path("data/feedback"),
+    data: Annotated[Path, typer.Option(help="the champion's prepared dataset (its split is kept)")]
+    = Path("data/prepared"),
+    if_needed: Annotated[bool, typer.Option("--if-needed", help="only when recalibrate.min_feedback records wait "
+                                            "or recalibrate.interval_hours passed with any (for cron)")] = False,
+    actor: Annotated[str, typer.Option(help="who starts it, for the audit log")] = "recalibration",
+) -> None:
+    """Fine-tune the champion with the experts' ROIs (feedback loss), register and gate the challenger."""
+    from medattn.feedback.scheduler import run_if_needed
+
+    parsed, store, job = _recalibration_job(params, state_dir, snapshot, data, actor)
+    with store:
+        ran, why = run_if_needed(parsed, store, state_dir, job, force=not if_needed)
+    if not ran:
+        if not if_needed:
+            from medattn.errors import MedattnError
+
+            raise MedattnError(why)
+        typer.echo(f"recalibration not started: {why}")
+
+
+@app.command("scheduler")
+def scheduler_command(
+    params: ParamsOption = Path("params.yaml"),
+    state_dir: StateOption = Path(".medattn"),
+    snapshot: Annotated[Path, typer.Option(help="feedback snapshot folder")] = Path("data/feedback"),
+    data: Annotated[Path, typer.Option(help="the champion's prepared dataset")] = Path("data/prepared"),
+    poll_seconds: Annotated[float, typer.Option(help="seconds between checks")] = 300.0,
+    max_checks: Annotated[Optional[int], typer.Option(help="stop after this many checks (default: run forever)")]
+    = None,
+    metrics_port: Annotated[int, typer.Option(help="serve the scheduler's gauges on 127.0.0.1:PORT/metrics "
+                                              "(0 = off)")] = 0,
+) -> None:
+    """Run recalibrations when enough feedback waits (a long-running process; one at a time)."""
+    from medattn.feedback.scheduler import run_scheduler
+
+    if metrics_port:
+        import prometheus_client
+
+        from medattn.serving.metrics import get_metrics
+
+        get_metrics()
+        prometheus_client.start_http_server(metrics_port, addr="127.0.0.1")
+    parsed, store, job = _recalibration_job(params, state_dir, snapshot, data, "scheduler")
+    with store:
+        run_scheduler(parsed, store, state_dir, job, poll_seconds=poll_seconds, max_checks=max_checks,
+                      log=typer.echo)
+
+
 def _register_library_commands() -> None:
     # Imported here so `medattn --help` stays fast and each concern keeps its own command code.
     from medattn.feedback.export import export_command

@@ -90,6 +90,30 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class RecalibrateParams:
+    """Expert-feedback recalibration (seed 002): the feedback loss, the gate, the schedule."""
+
+    # weight of the distance between the model's map and the experts' target, where they drew
+    gamma: float = 5.0
+    # l2 | l1 | bce
+    distance: str = "l2"
+    # the challenger is eligible when test macro-F1 >= champion's - tolerance and ROI agreement is better
+    tolerance: float = 0.02
+    # the scheduler retrains once this many new feedback records wait ...
+    min_feedback: int = 10
+    # ... or once this many hours passed since the last retrain with any new feedback
+    interval_hours: float = 24.0
+    # promote an eligible challenger to champion without an expert's Accept
+    auto_promote: bool = False
+    epochs: int = 5
+    lr: float = 0.001
+    # share of the feedback records held out of training to measure ROI agreement on
+    holdout_fraction: float = 0.2
+    # feedback images per training step (rotating through all of them)
+    feedback_batch_size: int = 16
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
@@ -97,6 +121,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+    recalibrate: RecalibrateParams = field(default_factory=RecalibrateParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,7 +240,21 @@ def validate_params(p: Params) -> Params:
     _check(p.evaluate.overlay_count >= 0, "evaluate.overlay_count must be >= 0")
     _check(0 < p.evaluate.topk_percent <= 100, "evaluate.topk_percent must be in (0, 100]")
     _check(bool(p.mlflow.model_name.strip()), "mlflow.model_name must not be empty")
+    _check_recalibrate(p.recalibrate)
     return p
+
+
+def _check_recalibrate(r: RecalibrateParams) -> None:
+    distances = ("l2", "l1", "bce")  # medattn.training.feedback_loss.DISTANCES (not imported: torch)
+    _check(r.gamma >= 0, f"recalibrate.gamma must be >= 0, got {r.gamma}")
+    _check(r.distance in distances, f"recalibrate.distance must be one of {', '.join(distances)}, got {r.distance!r}")
+    _check(0 <= r.tolerance < 1, f"recalibrate.tolerance must be in [0, 1), got {r.tolerance}")
+    _check(r.min_feedback >= 1, f"recalibrate.min_feedback must be >= 1, got {r.min_feedback}")
+    _check(r.interval_hours > 0, f"recalibrate.interval_hours must be > 0, got {r.interval_hours}")
+    _check(r.epochs >= 1, f"recalibrate.epochs must be >= 1, got {r.epochs}")
+    _check(0 < r.lr < 1, f"recalibrate.lr must be in (0, 1), got {r.lr}")
+    _check(0 <= r.holdout_fraction < 1, f"recalibrate.holdout_fraction must be in [0, 1), got {r.holdout_fraction}")
+    _check(r.feedback_batch_size >= 1, f"recalibrate.feedback_batch_size must be >= 1, got {r.feedback_batch_size}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

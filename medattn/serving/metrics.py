@@ -199,6 +199,34 @@ class ServingMetrics:
             self.model_reloads.labels(outcome=outcome)
         self._served: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._add_recalibration_gauges(prom, reg)
+
+    def _add_recalibration_gauges(self, prom, reg) -> None:
+        """The recalibration scheduler's state (``medattn.feedback.scheduler``), from its state file."""
+        self.recalibration_running = prom.Gauge(
+            "medattn_recalibration_running", "1 while a recalibration retrain runs, else 0",
+            registry=reg, multiprocess_mode="livemostrecent")
+        self.recalibration_last_run = prom.Gauge(
+            "medattn_recalibration_last_run_timestamp_seconds", "When the last recalibration finished (Unix time)",
+            registry=reg, multiprocess_mode="livemostrecent")
+        self.recalibration_last_success = prom.Gauge(
+            "medattn_recalibration_last_success", "1 when the last recalibration succeeded, 0 when it failed",
+            registry=reg, multiprocess_mode="livemostrecent")
+        self.recalibration_next_run = prom.Gauge(
+            "medattn_recalibration_next_run_timestamp_seconds",
+            "When the interval rule next starts a recalibration if any feedback waits (Unix time)",
+            registry=reg, multiprocess_mode="livemostrecent")
+        self.recalibration_pending = prom.Gauge(
+            "medattn_recalibration_pending_feedback", "Feedback records no recalibration has consumed yet",
+            registry=reg, multiprocess_mode="livemostrecent")
+
+    def set_recalibration_state(self, state: dict) -> None:
+        """Publish a scheduler state (``SchedulerState.to_json()``); missing times read as 0."""
+        self.recalibration_running.set(1.0 if state.get("running") else 0.0)
+        self.recalibration_last_run.set(float(state.get("last_run_at_unix") or 0.0))
+        self.recalibration_last_success.set(1.0 if state.get("last_success") else 0.0)
+        self.recalibration_next_run.set(float(state.get("next_run_at_unix") or 0.0))
+        self.recalibration_pending.set(float(state.get("pending") or 0))
 
     def record_prediction(self, *, label: str, model_version: str, confidence: float,
                           attention: np.ndarray) -> None:
@@ -297,6 +325,10 @@ def clear_serving_model() -> None:
 
 def record_error(*, endpoint: str, http_status: int, error_type: str) -> None:
     get_metrics().record_error(endpoint=endpoint, http_status=http_status, error_type=error_type)
+
+
+def set_recalibration_state(state: dict) -> None:
+    get_metrics().set_recalibration_state(state)
 
 
 def record_model_reload(*, success: bool) -> None:

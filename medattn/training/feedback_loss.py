@@ -1,0 +1,233 @@
+"""The feedback loss: experts' ROIs turned into loss terms that move a model's attention (seed 002).
+
+An exported feedback mask (``medattn feedback export``, ``masks/<id>.png``) holds 255 where the
+expert marked a region *relevant*, 0 where *irrelevant*, 128 where they drew nothing. It defines
+the **adjusted target map** :func:`adjusted_target`: the model's own map with relevant regions
+raised to 1 and irrelevant ones suppressed to 0, the rest left as the model had it. Because the
+untouched rest equals the model's map, the distance between map and target is non-zero only
+where the expert drew — so the loss is computed there only (``drawn``), and γ means the same
+whatever share of the image the expert covered.
+
+Three mechanisms, picked from the model contract (:func:`mechanism_for`), never by class:
+
+``per_image_map``   a per-image map that gates the input (seed 002's input attention):
+                    γ · distance(A(x), target) on each feedback image, where drawn.
+``global_map``      one map for every image (seed 001): the targets of all feedback images are
+                    combined into one — per pixel, the share of experts' marks that said
+                    relevant (:func:`combined_global_target`) — and γ · distance(M, combined)
+                    is taken where anyone drew.
+``input_gradient``  any other model ("right for the right reasons", Ross et al. 2017): the
+                    squared input gradient of the summed log-probabilities, as a share of its
+                    whole-image total, inside the irrelevant regions, times γ. The share (rather
+                    than Ross's raw sum) keeps γ on the same 0..1 scale as the map distances.
+
+Next to the attention term, feedback images the training split does not hold get their
+cross-entropy under the expert's label (a corrected label replaces the image's label; images
+without any known label add no CE). :class:`FeedbackLoss` is an ``extra_loss`` for
+:func:`medattn.training.fit.fit`: it runs the model on a rotating mini-batch of the feedback
+images at every training step and returns the named terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medattn.errors import ParamError
+from medattn.feedback.schema import IRRELEVANT, RELEVANT
+
+PER_IMAGE_MAP = "per_image_map"
+GLOBAL_MAP = "global_map"
+INPUT_GRADIENT = "input_gradient"
+MECHANISMS = (PER_IMAGE_MAP, GLOBAL_MAP, INPUT_GRADIENT)
+DISTANCES = ("l2", "l1", "bce")
+NO_LABEL = -1
+_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class FeedbackTargets:
+    """Feedback images with what the experts said about them, at the model's input size."""
+
+    ids: list[str]
+    images: torch.Tensor  # float (F, C, H, W), normalised like the training images
+    masks: torch.Tensor  # uint8 (F, 1, H, W): 255 relevant, 0 irrelevant, 128 untouched
+    labels: torch.Tensor  # int64 (F,): the label to train CE with, NO_LABEL when none is known
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not (self.images.shape[0] == self.masks.shape[0] == self.labels.shape[0] == n):
+            raise ValueError("FeedbackTargets: ids, images, masks and labels must have one entry per image")
+        if self.masks.shape[-2:] != self.images.shape[-2:]:
+            raise ValueError(f"FeedbackTargets: masks {tuple(self.masks.shape[-2:])} and images "
+                             f"{tuple(self.images.shape[-2:])} differ in size")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: torch.Tensor | list[int]) -> "FeedbackTargets":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return FeedbackTargets([self.ids[i] for i in index.tolist()], self.images[index], self.masks[index],
+                               self.labels[index])
+
+
+def relevant_region(masks: torch.Tensor) -> torch.Tensor:
+    return masks == RELEVANT
+
+
+def irrelevant_region(masks: torch.Tensor) -> torch.Tensor:
+    return masks == IRRELEVANT
+
+
+def adjusted_target(model_map: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The model's map with relevant regions raised to 1, irrelevant ones set to 0, the rest unchanged."""
+    target = model_map.detach().clone()
+    target[relevant_region(masks).expand_as(target)] = 1.0
+    target[irrelevant_region(masks).expand_as(target)] = 0.0
+    return target
+
+
+def combined_global_target(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target for a global map from many images' masks: (target (1,1,H,W), drawn (1,1,H,W) bool).
+
+    Per pixel the target is the share of marks that said relevant (1 when every expert who drew
+    there said relevant, 0 when all said irrelevant, in between when they disagree).
+    """
+    relevant = relevant_region(masks).float().sum(dim=0, keepdim=True)
+    irrelevant = irrelevant_region(masks).float().sum(dim=0, keepdim=True)
+    votes = relevant + irrelevant
+    return relevant / votes.clamp(min=1.0), votes > 0
+
+
+def map_distance(attention: torch.Tensor, target: torch.Tensor, drawn: torch.Tensor, distance: str) -> torch.Tensor:
+    """Mean distance over the drawn pixels of each image, averaged over images that have any."""
+    if distance == "l2":
+        per_pixel = (attention - target) ** 2
+    elif distance == "l1":
+        per_pixel = (attention - target).abs()
+    elif distance == "bce":
+        per_pixel = F.binary_cross_entropy(attention.clamp(_EPS, 1 - _EPS), target, reduction="none")
+    else:
+        raise ParamError(f"recalibrate.distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+    weight = drawn.to(per_pixel.dtype).expand_as(per_pixel)
+    per_image = (per_pixel * weight).flatten(1).sum(1)
+    counts = weight.flatten(1).sum(1)
+    has_any = counts > 0
+    if not bool(has_any.any()):
+        return attention.sum() * 0.0
+    return (per_image[has_any] / counts[has_any]).mean()
+
+
+def input_gradient_saliency(model: nn.Module, images: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """(B, 1, H, W): squared gradient of Σ log p w.r.t. the input, summed over channels (Ross et al.)."""
+    x = images.detach().requires_grad_(True)
+    logits, _ = model(x)
+    log_probs = F.log_softmax(logits, dim=1).sum()
+    (grad,) = torch.autograd.grad(log_probs, x, create_graph=create_graph)
+    return (grad ** 2).sum(dim=1, keepdim=True)
+
+
+def region_shares(saliency: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(share inside relevant, share inside irrelevant) of each image's map mass, shape (B,)."""
+    total = saliency.flatten(1).sum(1) + _EPS
+    inside = lambda region: (saliency * region.to(saliency.dtype)).flatten(1).sum(1) / total  # noqa: E731
+    return inside(relevant_region(masks)), inside(irrelevant_region(masks))
+
+
+def mechanism_for(model: nn.Module) -> str:
+    """Which feedback mechanism fits ``model``, from what its contract class declares."""
+    if getattr(type(model), "attention_is_global", False):
+        return GLOBAL_MAP
+    if getattr(type(model), "attention_gates_input", False):
+        return PER_IMAGE_MAP
+    return INPUT_GRADIENT
+
+
+def explanation_maps(model: nn.Module, images: torch.Tensor, mechanism: str) -> torch.Tensor:
+    """The map feedback is judged on: the attention map, or the input-gradient saliency (B, 1, H, W)."""
+    if mechanism == INPUT_GRADIENT:
+        return input_gradient_saliency(model, images, create_graph=False).detach()
+    with torch.no_grad():
+        return model(images)[1].detach()
+
+
+def thawed_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved state whose attention can learn again, for fine-tuning with feedback.
+
+    Seed 001's global map is frozen at the cut-off epoch (its ``is_frozen`` buffer; the pixel
+    CNN's weights stay in the state): fine-tuned as saved, M could not move however the
+    experts drew. Clearing the flag makes the loaded model rebuild M from its pixel CNN over
+    the (unchanged) training split's P, so the feedback term trains it; saving freezes it again.
+    States without the flag are returned unchanged.
+    """
+    thawed = dict(state)
+    for key, value in state.items():
+        if key == "is_frozen" or key.endswith(".is_frozen"):
+            thawed[key] = torch.zeros_like(value)
+    return thawed
+
+
+class FeedbackLoss:
+    """``extra_loss`` for ``fit``: CE on the feedback images + γ · the mechanism's attention term."""
+
+    def __init__(self, feedback: FeedbackTargets, gamma: float, distance: str = "l2",
+                 mechanism: Optional[str] = None, batch_size: int = 16, ce_weight: float = 1.0) -> None:
+        if len(feedback) == 0:
+            raise ParamError("the feedback loss needs at least one feedback image")
+        if gamma < 0:
+            raise ParamError(f"recalibrate.gamma must be >= 0, got {gamma}")
+        if distance not in DISTANCES:
+            raise ParamError(f"recalibrate.distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        if mechanism is not None and mechanism not in MECHANISMS:
+            raise ParamError(f"feedback mechanism must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
+        self.feedback, self.gamma, self.distance = feedback, gamma, distance
+        self.mechanism, self.batch_size, self.ce_weight = mechanism, max(1, batch_size), ce_weight
+        self._next = 0
+        self._global_target = combined_global_target(feedback.masks)
+
+    def _batch(self) -> torch.Tensor:
+        """The next feedback mini-batch, rotating through all images (deterministic)."""
+        n = len(self.feedback)
+        if n <= self.batch_size:
+            return torch.arange(n)
+        index = (torch.arange(self.batch_size) + self._next) % n
+        self._next = (self._next + self.batch_size) % n
+        return index
+
+    def __call__(self, model: nn.Module, step: object = None) -> dict[str, torch.Tensor]:
+        mechanism = self.mechanism or mechanism_for(model)
+        device = next(model.parameters()).device
+        part = self.feedback.subset(self._batch())
+        images, masks, labels = part.images.to(device), part.masks.to(device), part.labels.to(device)
+        terms: dict[str, torch.Tensor] = {}
+        if mechanism == INPUT_GRADIENT:
+            saliency = input_gradient_saliency(model, images, create_graph=True)
+            _, inside_irrelevant = region_shares(saliency, masks)
+            has_irrelevant = irrelevant_region(masks).flatten(1).any(1)
+            penalty = inside_irrelevant[has_irrelevant].mean() if bool(has_irrelevant.any()) else saliency.sum() * 0
+            terms["feedback_attention"] = self.gamma * penalty
+            logits, _ = model(images)
+        else:
+            logits, attention = model(images)
+            if mechanism == GLOBAL_MAP:
+                target, drawn = (t.to(device) for t in self._global_target)
+                distance = map_distance(attention[:1], target.to(attention.dtype), drawn, self.distance)
+            else:
+                target = relevant_region(masks).to(attention.dtype)
+                distance = map_distance(attention, target, masks != 128, self.distance)
+            terms["feedback_attention"] = self.gamma * distance
+        known = labels != NO_LABEL
+        if bool(known.any()) and self.ce_weight > 0:
+            terms["feedback_ce"] = self.ce_weight * F.cross_entropy(logits[known], labels[known])
+        return terms
+
+
+__all__ = [
+    "DISTANCES", "FeedbackLoss", "FeedbackTargets", "GLOBAL_MAP", "INPUT_GRADIENT", "MECHANISMS", "NO_LABEL",
+    "PER_IMAGE_MAP", "adjusted_target", "combined_global_target", "explanation_maps", "input_gradient_saliency",
+    "map_distance", "mechanism_for", "region_shares", "thawed_state",
+]
