@@ -11,6 +11,8 @@ Optuna cannot prune a multi-objective study, so with two objectives every trial 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -98,6 +100,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> Any:
         self.last_trial_number = trial.number
+        # who ran it: a shared study's trials come from many processes and hosts
+        worker = os.environ.get("MEDATTN_TUNE_WORKER", "0")
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}:{worker}")
         values = self.space.suggest(trial)
         model_params, train_params = apply_values(self.params.model, self.params.train, values)
         multi = len(self.objectives) > 1
