@@ -97,13 +97,15 @@ def open_storage(settings: StorageSettings) -> BaseStorage:
         retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
     if settings.is_rdb:
         try:
-            return RDBStorage(
-                settings.location,
-                heartbeat_interval=settings.heartbeat_seconds,
-                grace_period=settings.grace_seconds,
-                heartbeat_stale_trial_callback=retry,
-                engine_kwargs={"pool_pre_ping": True},
-            )
+            with warnings.catch_warnings():  # the heartbeat arguments are "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    settings.location,
+                    heartbeat_interval=settings.heartbeat_seconds,
+                    grace_period=settings.grace_seconds,
+                    heartbeat_stale_trial_callback=retry,
+                    engine_kwargs={"pool_pre_ping": True},
+                )
         except Exception as exc:  # sqlalchemy / driver errors carry pages of context
             raise ParamError(f"tune storage {redact(settings.location)}: cannot open the study database: "
                              f"{first_line(exc)}") from exc

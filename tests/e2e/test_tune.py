@@ -26,12 +26,13 @@ if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
 from pipeline_workspace import VENV_BIN, PipelineWorkspace, make_workspace, stage_env, tiny_params  # noqa: E402
-from postgres_server import postgres_server, postgres_url  # noqa: E402,F401  (fixtures)
+from postgres_server import postgres_server, postgres_url  # noqa: E402,F401,F811  (fixtures)
 
 pytestmark = pytest.mark.e2e
 
 SEARCH_PIPELINE = "pipelines/search/dvc.yaml"
 TRIALS = 4
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 SPACE = {
     "model": {"K": {"choices": [2, 4]}},
     "train": {
@@ -119,7 +120,7 @@ def test_two_worker_processes_share_one_journal_study(workspace: PipelineWorkspa
     _medattn(workspace, "--workers", "2", "--study-name", "two-workers", "--out", "reports/two", timeout=900)
     study = optuna.load_study(study_name="two-workers", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(workspace.root / "checkpoints/tune/study.journal"))))
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    finished = [t for t in study.trials if t.state in FINISHED]
     assert TRIALS <= len(finished) <= TRIALS + 1  # a second worker may start one more as the count is reached
     workers = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in study.trials}
     pids = {t.user_attrs["worker"].split(":")[1] for t in study.trials}
@@ -128,7 +129,7 @@ def test_two_worker_processes_share_one_journal_study(workspace: PipelineWorkspa
     assert (workspace.root / "reports/two/best_params.yaml").is_file()
 
 
-def test_a_worker_against_postgresql(workspace: PipelineWorkspace, postgres_url: str) -> None:
+def test_a_worker_against_postgresql(workspace: PipelineWorkspace, postgres_url: str) -> None:  # noqa: F811
     from medattn.config import load_params
     from medattn.tuning.search import SearchRequest, run_search
 
