@@ -1,8 +1,8 @@
 """DVC stage ``tune``: the Optuna search of ``params.yaml: tune`` on the prepared train/val splits.
 
 Reads ``tune.*`` (space, trials, workers, storage), ``model.*``, ``train.*`` and ``mlflow.*``;
-writes ``--out`` (best_params.yaml, best.json, trials.csv, figures/; pareto_front.yaml for two
-objectives) and logs one MLflow parent run with a nested run per trial. The study lives in
+writes ``--out`` (best_params.yaml, best.json, trials.csv, candidates.yaml,
+figures/) and logs one MLflow parent run with a nested run per trial. The study lives in
 ``--checkpoints`` (a journal file) or ``tune.storage``, outside DVC's outputs: a killed search
 resumes where it stopped when re-run. Path defaults come from dvc.yaml's ``vars: paths``.
 """

@@ -4,9 +4,9 @@
 and, in its header, the ``dvc exp run -S ...`` line that trains with it; ``best.json`` (a DVC
 metric, so ``dvc exp show`` / ``dvc metrics show`` list the best value and params); ``trials.csv``;
 ``figures/`` with Optuna's matplotlib plots (optimisation history, param importances and, for two
-objectives, the Pareto front). With two objectives there is no single winner: ``pareto_front.yaml``
-lists every non-dominated trial with its command, and ``best_params.yaml`` holds the Pareto trial
-with the highest validation macro-F1.
+objectives, the Pareto front). ``candidates.yaml`` lists the trials to choose from, each with its
+command: the best trial, or with two objectives (no single winner) every non-dominated trial;
+``best_params.yaml`` then holds the Pareto trial with the highest validation macro-F1.
 """
 
 from __future__ import annotations
@@ -69,10 +69,9 @@ def write_study_report(study: optuna.Study, objectives: list[str], out_dir: Path
               + f"\n# Train with it:  {command}\n# (or copy these values into params.yaml)\n")
     tree = yaml.safe_dump(as_params_tree(best.params), sort_keys=True)
     write_text_atomic(out_dir / "best_params.yaml", header + tree)
-    if len(objectives) > 1:
-        front = [{"trial": t.number, **dict(zip(objectives, t.values, strict=True)),
-                  "params": as_params_tree(t.params), "command": dvc_exp_run_command(t.params)} for t in chosen]
-        write_text_atomic(out_dir / "pareto_front.yaml", yaml.safe_dump(front, sort_keys=False))
+    candidates = [{"trial": t.number, **dict(zip(objectives, t.values, strict=True)),
+                   "params": as_params_tree(t.params), "command": dvc_exp_run_command(t.params)} for t in chosen]
+    write_text_atomic(out_dir / "candidates.yaml", yaml.safe_dump(candidates, sort_keys=False))
     write_text_atomic(out_dir / "trials.csv", trials_csv(study, objectives))
     write_json_atomic(out_dir / "best.json", summary)
     summary["figures"] = [str(p) for p in write_study_figures(study, objectives, out_dir / "figures")]

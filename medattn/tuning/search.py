@@ -76,7 +76,7 @@ def run_search(request: SearchRequest) -> SearchOutcome:
 
             summary = write_study_report(study, params.tune.objectives, request.report_dir)
             report_files = [request.report_dir / name for name in
-                            ("best_params.yaml", "best.json", "trials.csv", "pareto_front.yaml")]
+                            ("best_params.yaml", "best.json", "trials.csv", "candidates.yaml")]
             metrics = {k: v for k, v in summary.items() if k.startswith("best_")}
             metrics.update({f"trials_{state}": n for state, n in summary["trials"].items()})
             tracking.log_study_artifacts([*report_files, request.report_dir / "figures"], metrics)

@@ -90,6 +90,9 @@ def test_tiny_study_through_dvc_prunes_writes_best_params_and_nested_runs(worksp
     assert best_params["model"]["K"] == best["params"]["model.K"]
     assert f"dvc exp run -S model.K={best_params['model']['K']}" in (
         workspace.root / "reports/tune/best_params.yaml").read_text()
+    # every file the stage wrote is one dvc.yaml declares
+    declared = {"best_params.yaml", "best.json", "trials.csv", "candidates.yaml", "figures"}
+    assert {p.name for p in (workspace.root / "reports/tune").iterdir()} == declared
     figures = {p.name for p in (workspace.root / "reports/tune/figures").iterdir()}
     assert {"optimization_history.png", "param_importances.png"} <= figures
 

@@ -154,6 +154,52 @@ def test_two_objectives_give_a_pareto_front_and_its_plot(tmp_path) -> None:
         study.add_trial(optuna.create_trial(params={"model.K": k}, distributions=dist, values=values))
     summary = write_study_report(study, ["val_macro_f1", "attention_mass_ratio"], tmp_path)
     assert summary["pareto_front_size"] == 2 and summary["best_trial"] == 0
-    front = yaml.safe_load((tmp_path / "pareto_front.yaml").read_text())
+    front = yaml.safe_load((tmp_path / "candidates.yaml").read_text())
     assert [entry["trial"] for entry in front] == [0, 1] and front[1]["command"] == "dvc exp run -S model.K=64"
     assert (tmp_path / "figures" / "pareto_front.png").is_file()
+
+
+def _medattn_tune(tmp_path, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MEDATTN_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    return subprocess.run([sys.executable, "-m", "medattn.cli", "tune", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize(("params", "mentions"), [
+    ({"tune": {"space": {"train": {"lr": {"low": 1, "high": 0.1}}}}}, "tune.space.train.lr"),
+    ({"train": {"epochs": 2, "cutoff_epoch": 1}}, "tune.space.train.cutoff_epoch"),  # the default E range
+    ({}, "manifest"),  # no prepared data yet
+])
+def test_medattn_tune_fails_in_one_line_before_training(tmp_path, params, mentions: str) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = _medattn_tune(tmp_path, "--data", str(tmp_path / "missing"))
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and mentions in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing created for a search that cannot run
+
+
+def test_the_search_pipeline_uses_the_paths_of_dvc_yaml_vars() -> None:
+    # pipelines/search/dvc.yaml cannot read ../../dvc.yaml's vars, so its paths are written out:
+    # they must stay those vars (the stage script's defaults come from them)
+    from pathlib import Path
+
+    from medattn.stage import pipeline_paths
+
+    root = Path(__file__).resolve().parents[2]
+    paths = pipeline_paths(root)
+    stage = yaml.safe_load((root / "pipelines/search/dvc.yaml").read_text())["stages"]["tune"]
+    assert stage["wdir"] == "../.."
+    assert (f"--data {paths['prepared']} --out {paths['tune_reports']} --checkpoints {paths['tune_checkpoints']}"
+            in stage["cmd"])
+    assert {str(paths["prepared"]), str(paths["validation"])} <= set(stage["deps"])
+    outs = [next(iter(o)) for o in stage["outs"]] + [next(iter(m)) for m in stage["metrics"]]
+    assert all(Path(o).parent in (paths["tune_reports"], paths["tune_reports"] / "figures") or
+               Path(o) == paths["tune_reports"] / "figures" for o in outs)
+    assert {Path(o).name for o in outs} == {"best_params.yaml", "trials.csv", "candidates.yaml", "figures",
+                                             "best.json"}
