@@ -10,8 +10,9 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-# promtool (alert-rule tests) and PostgreSQL (feedback store tests)
-SYSTEM_PACKAGES := prometheus postgresql
+# promtool (alert-rule tests), PostgreSQL (feedback store tests), chromium (review page browser
+# tests: Playwright drives Debian's /usr/bin/chromium; `playwright install` would download one)
+SYSTEM_PACKAGES := prometheus postgresql chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test setup system-deps repro metrics plots mlflow-ui serve clean help
@@ -38,6 +39,7 @@ system-deps:
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -88,11 +88,10 @@ def make_images(count: int, size: int) -> list[bytes]:
 def register_random_model(workdir: Path, image_size: int, backbone: str, images: list[bytes]) -> tuple[str, str]:
     import torch
 
+    from medattn.data.preprocess import to_model_input
     from medattn.models.bundle import save_bundle
     from medattn.models.factory import ModelSpec, create_model
     from medattn.registry import assign_challenger_and_gate, end_run, log_bundle_model, start_pipeline_run
-
-    from medattn.data.preprocess import to_model_input
 
     torch.manual_seed(0)
     spec = ModelSpec(backbone=backbone, attention="global_pixel", num_classes=3, image_size=image_size,

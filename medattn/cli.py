@@ -67,9 +67,7 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
 ) -> None:
-    """Serve the registry's champion over HTTP (BentoML): predictions with attention maps, expert feedback,
-    /metrics. Settings come from MEDATTN_* environment variables (README, "Serving") and are checked before
-    BentoML starts."""
+    """Serve the registry's champion over HTTP (BentoML): predictions with attention maps, expert feedback, /metrics. Settings come from MEDATTN_* environment variables (README, "Serving") and are checked before BentoML starts."""  # noqa: E501
     from medattn.serving.settings import run_bentoml_serve
 
     raise typer.Exit(run_bentoml_serve(host, port))

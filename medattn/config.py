@@ -16,12 +16,17 @@ import yaml
 
 from medattn.errors import ParamError
 
+#: ``train.fast_path`` values (their meaning: medattn.training.fast_path)
+FAST_PATH_CHOICES = ("auto", "on", "off", "compile")
 DATA_SOURCES = ("synthetic", "imagefolder", "idrid", "jaffe", "malaria")
 IDRID_TASKS = ("retinopathy", "macular_edema")
+SYNTHETIC_PRESETS = ("easy", "benchmark")
 
 
 @dataclass(frozen=True)
 class SyntheticParams:
+    # easy: every method aces it (fast tests); benchmark: the demo's calibrated, harder set
+    preset: str = "easy"
     n_images: int = 720
     seed: int = 2024
     train_fraction: float = 0.6
@@ -67,6 +72,8 @@ class TrainParams:
     weight_decay: float = 0.0001
     seed: int = 0
     device: str = "auto"
+    # auto = on where training runs on CUDA, off on the CPU; on | off | compile (medattn.training.fast_path)
+    fast_path: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,8 @@ def validate_params(p: Params) -> Params:
     _check(16 <= d.image_size <= 1024, f"data.image_size must be in [16, 1024], got {d.image_size}")
     _check(0 < d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
            "data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1")
+    _check(s.preset in SYNTHETIC_PRESETS,
+           f"data.synthetic.preset must be one of {', '.join(SYNTHETIC_PRESETS)}, got {s.preset!r}")
     _check(s.n_images >= 12, f"data.synthetic.n_images must be >= 12, got {s.n_images}")
     _check(0 < s.train_fraction < 1 and 0 < s.val_fraction < 1 and s.train_fraction + s.val_fraction < 1,
            "data.synthetic.train_fraction and val_fraction must be in (0, 1) and sum below 1")
@@ -244,6 +253,8 @@ def validate_params(p: Params) -> Params:
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
            f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _check(t.fast_path in FAST_PATH_CHOICES,
+           f"train.fast_path must be one of {', '.join(FAST_PATH_CHOICES)}, got {t.fast_path!r}")
     _check(p.evaluate.overlay_count >= 0, "evaluate.overlay_count must be >= 0")
     _check(0 < p.evaluate.topk_percent <= 100, "evaluate.topk_percent must be in (0, 100]")
     _check(bool(p.mlflow.model_name.strip()), "mlflow.model_name must not be empty")

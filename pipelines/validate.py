@@ -32,12 +32,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _validate(argv: list[str] | None) -> None:
     args = parse_args(argv)
     params = load_params(args.params)
     report = validate_dataset(args.data, params.validate, params.data.image_size, args.out)
     print(report.summary())
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the stage; returns its exit status (callable in-process, as the data tests do)."""
+    try:
+        run_stage(lambda: _validate(argv))
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help
+            raise
+        return int(exc.code)
+    return 0
+
+
 if __name__ == "__main__":
-    run_stage(main)
+    raise SystemExit(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from serving.http_errors import install_error_handlers
-from serving.routers import admin, feedback, predict
+from serving.routers import admin, audit, feedback, predict, review
 
 app = FastAPI(
     title="medattn",
@@ -22,5 +22,5 @@ app = FastAPI(
     docs_url=None, redoc_url=None,  # BentoML serves its own UI at "/"
 )
 install_error_handlers(app)
-for router in (predict.router, feedback.router, admin.router):
+for router in (predict.router, feedback.router, admin.router, audit.router, review.router):
     app.include_router(router)

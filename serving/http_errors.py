@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Mapping, MutableMapping, Optional
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medattn.errors import MedattnError
 from medattn.serving import metrics
@@ -35,8 +38,27 @@ Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 
 
+# nginx's status for "the client closed the connection before the answer": not a server fault,
+# so it stays out of the 5xx series the error-rate alert watches.
+CLIENT_CLOSED_REQUEST = 499
+_PHRASES = {CLIENT_CLOSED_REQUEST: "client closed request"}
+
+# What an error detail must never show: a URL with a scheme (a database URL, with or without
+# credentials: sqlite:////srv/..., postgresql+psycopg://user:pw@host/db) or an absolute server
+# path of two or more segments (/srv/medattn/.medattn/feedback.db).
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]*")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"]+/)+[^\s/'\"]*")
+HIDDEN = "<hidden>"
+
+
+def public_detail(detail: str) -> str:
+    """``detail`` with database URLs and server paths replaced by ``<hidden>`` (the log keeps them)."""
+    return _ABSOLUTE_PATH.sub(HIDDEN, _URL.sub(HIDDEN, detail))
+
+
 def error_body(status: int, detail: str) -> dict[str, str]:
-    return {"error": HTTPStatus(status).phrase.lower(), "detail": detail}
+    phrase = _PHRASES.get(status) or HTTPStatus(status).phrase.lower()
+    return {"error": phrase, "detail": detail}
 
 
 def error_response(status: int, detail: str, endpoint: str = "", error_type: str = "",
@@ -48,17 +70,33 @@ def error_response(status: int, detail: str, endpoint: str = "", error_type: str
 
 
 def _endpoint(request: Request) -> str:
+    """The route template that matched (``/feedback/{feedback_id}``), else the path (labelled "unmatched")."""
     route = request.scope.get("route")
-    return getattr(route, "path", None) or request.url.path
+    return getattr(route, "path", None) or metrics.endpoint_labels(request.url.path)
 
 
 async def _any_error(request: Request, exc: Exception) -> JSONResponse:
     status = http_status_of(exc)
     if status is None:
-        log.exception("bug while serving %s %s", request.method, request.url.path)
+        log.exception("bug while serving %s %s", request.method, _endpoint(request))
         return error_response(500, "internal error; the server log has the details",
                               _endpoint(request), exc.__class__.__name__)
-    return error_response(status, str(exc), _endpoint(request), exc.__class__.__name__)
+    detail = public_detail(str(exc))
+    if detail != str(exc):
+        log.info("%s %s answered %d: %s", request.method, _endpoint(request), status, exc)
+    return error_response(status, detail, _endpoint(request), exc.__class__.__name__)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    """The client closed the connection before its request was read: one log line, status 499.
+
+    Nobody receives this answer; it exists so that BentoML's request metrics and
+    ``medattn_errors_total`` count the request as a client abort, outside the 5xx series.
+    """
+    log.info("client closed the connection during %s %s (counted as %d)", request.method,
+             _endpoint(request), CLIENT_CLOSED_REQUEST)
+    return error_response(CLIENT_CLOSED_REQUEST, "client closed the connection before the request was read",
+                          _endpoint(request), "ClientDisconnect")
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -66,7 +104,8 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()))
         problems.append(f"{where}: {error.get('msg', 'invalid')}")
-    return error_response(422, "; ".join(problems) or "invalid request", _endpoint(request), "RequestValidationError")
+    return error_response(422, public_detail("; ".join(problems)) or "invalid request", _endpoint(request),
+                          "RequestValidationError")
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -85,6 +124,8 @@ def install_error_handlers(app: FastAPI) -> None:
     # its ExceptionMiddleware, whereas the Exception handler runs in ServerErrorMiddleware, which
     # re-raises.
     app.add_exception_handler(MedattnError, _any_error)
+    # A handler of its own keeps it in ExceptionMiddleware too: no 500, no traceback.
+    app.add_exception_handler(ClientDisconnect, _client_gone)
 
 
 def routing_error_detail(status: int, method: str, path: str, allow: Optional[str]) -> str:
@@ -98,8 +139,27 @@ def routing_error_detail(status: int, method: str, path: str, allow: Optional[st
     return HTTPStatus(status).phrase
 
 
+def relative_locations(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``Location`` headers reduced to path and query: a redirect never names the request's Host.
+
+    Starlette's slash redirects (``/feedback/`` -> ``/feedback``) build an absolute URL from the
+    ``Host`` header the client sent, so a forged Host would send the next client elsewhere.
+    """
+    out = []
+    for name, value in headers:
+        if name.lower() == b"location":
+            parsed = urlsplit(value.decode("latin-1"))
+            path = "/" + parsed.path.lstrip("/")  # "//evil.example/x" would be scheme-relative
+            value = (path + (f"?{parsed.query}" if parsed.query else "")).encode("latin-1")
+        out.append((name, value))
+    return out
+
+
 class JsonRoutingErrors:
     """ASGI middleware: the outer router's plain-text 404/405 become the service's JSON error body.
+
+    It also makes every redirect's ``Location`` relative (:func:`relative_locations`), whichever
+    router answered it.
 
     Only non-JSON 404/405 answers are rewritten: the routes' own (an unknown feedback id) are
     JSON already and pass through untouched. Not counted in the error metrics: an unknown path
@@ -123,6 +183,8 @@ class JsonRoutingErrors:
                 if message["status"] in self.REWRITTEN and not _is_json(message.get("headers", [])):
                     held = message
                     return
+                if 300 <= message["status"] < 400:
+                    message = {**message, "headers": relative_locations(message.get("headers", []))}
             elif message["type"] == "http.response.body" and held is not None:
                 if message.get("more_body", False):
                     return  # the plain-text body is dropped, chunk by chunk

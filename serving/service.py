@@ -34,10 +34,11 @@ import torch
 
 from medattn.errors import first_line
 from medattn.serving import metrics
+from medattn.serving.backend import HttpProblem, ServingBackend
 from medattn.serving.inference import ChampionSlot
 from medattn.serving.settings import ServingSettings
-from medattn.serving.backend import HttpProblem, ServingBackend
 from serving.app import app
+from serving.client_timeouts import install_client_timeouts
 from serving.http_errors import JsonRoutingErrors
 
 log = logging.getLogger("medattn.serving")
@@ -216,3 +217,6 @@ class MedattnService:
 # Requests no route matches are answered by BentoML's own router, in plain text; this gives them
 # the JSON error body of every other error.
 MedattnService.add_asgi_middleware(JsonRoutingErrors)
+# Bounded /metrics (endpoint = route template) and deadlines for stalled clients: see the modules.
+metrics.bound_bentoml_request_labels(app.openapi()["paths"])  # the routes' templates, as published
+install_client_timeouts(MedattnService)

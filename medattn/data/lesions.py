@@ -30,16 +30,21 @@ from medattn.data.fundus_anatomy import (
 MICROANEURYSM = "microaneurysm"
 HAEMORRHAGE = "haemorrhage"
 EXUDATE = "exudate"
+# Look-alikes of the benchmark preset (``benchmark_lesions``): painted, never in the lesion mask.
+PIGMENT_SPOT = "pigment_spot"
+VESSEL_CROSSING = "vessel_crossing"
+DRUSEN = "drusen"
+DUST = "dust"
 
 # Lesions stay well inside the fundus circle (radius 0.494) and clear of the disc, so the
 # decoy corner and the black border can never overlap a lesion.
 _MAX_RADIUS_FROM_CENTRE = 0.40
 _DISC_CLEARANCE = 0.02
 # an irregular boundary reaches out to radius * (1 + sum of wobble amplitudes) at most
-_MAX_EXTENT = 1.5
+MAX_EXTENT = 1.5
 # posterior pole: a Gaussian around the fovea wide enough to reach the arcades
 _POLE_SIGMA = (0.17, 0.14)
-_MAX_TRIES = 400
+MAX_TRIES = 400
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Lesion:
     elongation: float  # minor/major axis ratio (1 = round)
     angle: float  # radians
     wobble: tuple[tuple[float, float], ...]  # (amplitude, phase) of boundary harmonics 2, 3, ...
+    strength: float = 1.0  # share of the kind's full colour change (the benchmark fades lesions)
 
 
 def sample_lesions(grade: int, rng: np.random.Generator, anatomy: FundusAnatomy,
@@ -72,10 +78,10 @@ def sample_lesions(grade: int, rng: np.random.Generator, anatomy: FundusAnatomy,
         for _ in range(int(rng.integers(1, 3))):
             _add_exudate_cluster(lesions, rng, radius)
         for _ in range(int(rng.integers(2, 5))):
-            lesions.append(_place(HAEMORRHAGE, rng, lesions, anatomy, radius=radius(0.035, 0.055),
+            lesions.append(place_lesion(HAEMORRHAGE, rng, lesions, anatomy, radius=radius(0.035, 0.055),
                                   elongation=rng.uniform(0.55, 0.95), wobble=0.12))
     for _ in range(n_microaneurysms):
-        lesions.append(_place(MICROANEURYSM, rng, lesions, anatomy, radius=radius(0.016, 0.022),
+        lesions.append(place_lesion(MICROANEURYSM, rng, lesions, anatomy, radius=radius(0.016, 0.022),
                               elongation=rng.uniform(0.85, 1.0), wobble=0.03))
     return lesions
 
@@ -83,23 +89,23 @@ def sample_lesions(grade: int, rng: np.random.Generator, anatomy: FundusAnatomy,
 def _add_exudate_cluster(lesions: list[Lesion], rng: np.random.Generator,
                          radius: Callable[[float, float], float]) -> None:
     # hard exudates form clusters / partial rings a little away from the fovea
-    for _ in range(_MAX_TRIES):
+    for _ in range(MAX_TRIES):
         angle, distance = rng.uniform(0, 2 * np.pi), rng.uniform(0.07, 0.2)
         cx = FOVEA_CENTRE[0] + distance * np.cos(angle)
         cy = FOVEA_CENTRE[1] + distance * np.sin(angle)
-        if _is_allowed_site(cx, cy, extent=0.06):
+        if is_allowed_site(cx, cy, extent=0.06):
             break
     for _ in range(int(rng.integers(4, 9))):
         spread = rng.uniform(0.0, 0.05)
         theta = rng.uniform(0, 2 * np.pi)
         x, y = cx + spread * np.cos(theta), cy + spread * np.sin(theta)
         blob_radius = radius(0.012, 0.022)
-        if _is_allowed_site(x, y, extent=_MAX_EXTENT * blob_radius):
-            lesions.append(_make(EXUDATE, x, y, rng, radius=blob_radius,
+        if is_allowed_site(x, y, extent=MAX_EXTENT * blob_radius):
+            lesions.append(make_lesion(EXUDATE, x, y, rng, radius=blob_radius,
                                  elongation=rng.uniform(0.6, 1.0), wobble=0.15))
 
 
-def _is_allowed_site(x: float, y: float, extent: float) -> bool:
+def is_allowed_site(x: float, y: float, extent: float) -> bool:
     """True when a lesion reaching ``extent`` from (x, y) stays in the fundus and off the disc."""
     return (distance_to_fundus_centre(x, y) + extent < _MAX_RADIUS_FROM_CENTRE
             and distance_to_optic_disc(x, y) - extent > OPTIC_DISC_RADIUS + _DISC_CLEARANCE)
@@ -108,39 +114,49 @@ def _is_allowed_site(x: float, y: float, extent: float) -> bool:
 def _vessel_rule(kind: str, radius: float) -> Callable[[float], bool]:
     if kind == MICROANEURYSM:
         return lambda d: d > radius + 0.006  # beside capillaries, not on top of a large vessel
+    if kind == VESSEL_CROSSING:
+        return lambda d: d < 0.003  # on a large vessel: where a red dot is *not* a microaneurysm
+    if kind == PIGMENT_SPOT:
+        return lambda d: True
     return lambda d: d < 0.05  # haemorrhages: near a vessel (they may cover it)
 
 
-def _place(kind: str, rng: np.random.Generator, existing: list[Lesion], anatomy: FundusAnatomy,
-           radius: float, elongation: float, wobble: float) -> Lesion:
+def place_lesion(kind: str, rng: np.random.Generator, existing: list[Lesion], anatomy: FundusAnatomy,
+                 radius: float, elongation: float, wobble: float, strength: float = 1.0) -> Lesion:
     """Rejection-sample a posterior-pole site that obeys the anatomy and overlaps no other lesion."""
     vessel_ok = _vessel_rule(kind, radius)
     x, y = FOVEA_CENTRE[0] + 0.1, FOVEA_CENTRE[1]  # fallback if every try is rejected
-    for _ in range(_MAX_TRIES):
+    for _ in range(MAX_TRIES):
         cx = FOVEA_CENTRE[0] + rng.normal(0.0, _POLE_SIGMA[0])
         cy = FOVEA_CENTRE[1] + rng.normal(0.0, _POLE_SIGMA[1])
-        if not _is_allowed_site(cx, cy, _MAX_EXTENT * radius) or not vessel_ok(anatomy.distance_to_vessel(cx, cy)):
+        if not is_allowed_site(cx, cy, MAX_EXTENT * radius) or not vessel_ok(anatomy.distance_to_vessel(cx, cy)):
             continue
         if all(np.hypot(cx - o.x, cy - o.y) > radius + o.radius + 0.01 for o in existing):
             x, y = cx, cy
             break
-    return _make(kind, x, y, rng, radius, elongation, wobble)
+    return make_lesion(kind, x, y, rng, radius, elongation, wobble, strength)
 
 
-def _make(kind: str, x: float, y: float, rng: np.random.Generator, radius: float,
-          elongation: float, wobble: float) -> Lesion:
+def make_lesion(kind: str, x: float, y: float, rng: np.random.Generator, radius: float,
+          elongation: float, wobble: float, strength: float = 1.0) -> Lesion:
     harmonics = tuple((float(rng.uniform(0, wobble)), float(rng.uniform(0, 2 * np.pi))) for _ in range(3))
     return Lesion(kind=kind, x=float(x), y=float(y), radius=float(radius), elongation=float(elongation),
-                  angle=float(rng.uniform(0, np.pi)), wobble=harmonics)
+                  angle=float(rng.uniform(0, np.pi)), wobble=harmonics, strength=float(strength))
 
 
-# How each kind is painted: dark lesions multiply the background per channel (so they darken
-# with the local illumination, as blood does); exudates blend towards a waxy yellow.
+# How each kind is painted: dark kinds multiply the background per channel (so they darken
+# with the local illumination, as blood does); bright kinds blend towards their colour with an
+# opacity. Blood darkens green and blue far more than red (it looks red); pigment and dust
+# darken all channels alike (brown-grey), which is how a grader tells them apart.
 _DARKEN = {MICROANEURYSM: np.array([0.55, 0.27, 0.27], np.float32),
-           HAEMORRHAGE: np.array([0.50, 0.22, 0.20], np.float32)}
-_EXUDATE_COLOUR = np.array([250.0, 226.0, 120.0], np.float32)
-_EXUDATE_OPACITY = 0.9
-_EDGE_SOFTNESS = {MICROANEURYSM: 0.35, HAEMORRHAGE: 0.3, EXUDATE: 0.18}
+           HAEMORRHAGE: np.array([0.50, 0.22, 0.20], np.float32),
+           PIGMENT_SPOT: np.array([0.42, 0.36, 0.36], np.float32),
+           VESSEL_CROSSING: np.array([0.62, 0.40, 0.40], np.float32),
+           DUST: np.array([0.55, 0.55, 0.58], np.float32)}
+_BLEND = {EXUDATE: (np.array([250.0, 226.0, 120.0], np.float32), 0.9),
+          DRUSEN: (np.array([236.0, 222.0, 178.0], np.float32), 0.75)}
+_EDGE_SOFTNESS = {MICROANEURYSM: 0.35, HAEMORRHAGE: 0.3, EXUDATE: 0.18,
+                  PIGMENT_SPOT: 0.3, VESSEL_CROSSING: 0.4, DRUSEN: 0.45, DUST: 0.8}
 
 
 def render_lesions(image: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
@@ -159,10 +175,11 @@ def render_lesions(image: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
             continue
         alpha = _opacity(lesion, size, r0, r1, c0, c1)
         patch = image[r0:r1, c0:c1]
-        a = alpha[..., None]
-        if lesion.kind == EXUDATE:
-            patch *= 1.0 - _EXUDATE_OPACITY * a
-            patch += _EXUDATE_OPACITY * a * _EXUDATE_COLOUR
+        a = alpha[..., None] * np.float32(lesion.strength)
+        if lesion.kind in _BLEND:
+            colour, opacity = _BLEND[lesion.kind]
+            patch *= 1.0 - opacity * a
+            patch += opacity * a * colour
         else:
             patch *= 1.0 - a * (1.0 - _DARKEN[lesion.kind])
         np.maximum(mask[r0:r1, c0:c1], (alpha >= 0.5).astype(np.float32), out=mask[r0:r1, c0:c1])

@@ -1,6 +1,8 @@
 """The ``prepare`` step: turn ``data.source`` into a prepared dataset folder (the data contract).
 
-``synthetic`` is generated from the embedded retina photograph; every other source is read
+``synthetic`` is generated from the embedded retina photograph (its ``benchmark`` preset goes
+through the same right-eye flip as IDRiD, :func:`medattn.data.preprocess.orient_left`, masks
+included); every other source is read
 from ``data.root`` in its published layout (:mod:`medattn.data.sources`). Either way the
 folder is built next to ``out_dir`` and renamed into place only when complete, so a failure
 (a bad label file, a corrupt image halfway through) leaves no ``out_dir`` behind, or leaves

@@ -129,6 +129,17 @@ def _search_optic_disc(image: Image.Image) -> tuple[float, float, float]:
     return float((col + 0.5) / _DISC_SEARCH_SIZE), float((row + 0.5) / _DISC_SEARCH_SIZE), float(field_centre_x)
 
 
+def orient_left(image: Image.Image, mask: Image.Image | None = None) -> tuple[Image.Image, Image.Image | None, bool]:
+    """Mirror a right eye (optic disc in the right half) so its disc is on the left, as IDRiD's
+    pre-processing does; ``mask`` (a lesion mask of the same image) is mirrored with it.
+
+    Returns ``(image, mask, flipped)``. Left eyes come back as they are.
+    """
+    if optic_disc_side(image) != "right":
+        return image, mask, False
+    return flip_horizontal(image), (flip_horizontal(mask) if mask is not None else None), True
+
+
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 tensor (3, H, W), the compact form images are kept in memory."""
     array = np.asarray(to_rgb(image), dtype=np.uint8)

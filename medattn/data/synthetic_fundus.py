@@ -1,6 +1,15 @@
 """The embedded synthetic fundus dataset: 3 retinopathy grades with ground-truth lesion masks.
 
-Each image is the canonical retina (``fundus_anatomy``) with grade-specific lesions
+Two presets (``data.synthetic.preset``): ``easy`` (below; the fast tests use it) and
+``benchmark`` (:mod:`medattn.data.synthetic_benchmark`: left and right eyes, look-alikes, a
+spatial grading rule, label noise; the demo default). Benchmark photographs pass through the
+same pre-processing as IDRiD before they are written: the optic-disc side is detected and
+right eyes are mirrored (:func:`medattn.data.preprocess.orient_left`, masks with their image;
+manifest column ``flipped``) in the benchmark preset. Easy images are all left eyes and skip
+the detection: at 48 px its bright, large exudate clusters outshine the disc in about 1 severe
+image of 20, and flipping those would change the easy set the fast tests were written on.
+
+Easy preset: each image is the canonical retina (``fundus_anatomy``) with grade-specific lesions
 (``lesions``), then a small random crop/rotation and an illumination/colour change. The
 per-image randomness comes from three independent streams keyed by ``(seed, index)``:
 appearance, lesions, decoy. Appearance is therefore literally the same function of
@@ -9,7 +18,8 @@ information and a classifier has to look at lesions. Everything is deterministic
 params give byte-identical PNGs (same sha256 values).
 
 Optional decoy (for the expert-feedback experiment): a bright cyan "scanner stamp" in the
-bottom-right corner, correlated with the top grade in *train* only.
+bottom-right corner of the *prepared* (oriented) image, correlated with the top grade in
+*train* only; val/test images carry it at the training prevalence, independently of the grade.
 """
 
 from __future__ import annotations
@@ -22,13 +32,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from medattn.config import SyntheticParams
+from medattn.config import SYNTHETIC_PRESETS, SyntheticParams
 from medattn.data.fundus_anatomy import FundusAnatomy, canonical_fundus
 from medattn.data.lesions import render_lesions, sample_lesions
 from medattn.data.manifest import write_prepared_dataset
+from medattn.data.preprocess import orient_left
 from medattn.errors import ParamError
 
 CLASS_NAMES: tuple[str, ...] = ("no_DR", "mild", "severe")
+PRESETS = SYNTHETIC_PRESETS
 SOURCE = "synthetic"
 DECOY_COLOUR = (0, 255, 255)
 # independent random streams per image (see module docstring)
@@ -96,6 +108,31 @@ def assign_grades_and_splits(params: SyntheticParams) -> tuple[np.ndarray, np.nd
     return grades, splits
 
 
+def decoy_flags(labels: np.ndarray, splits: np.ndarray, seed: int, probability: float) -> np.ndarray:
+    """Which images carry the decoy (bool per image), from the decoy stream of ``(seed, index)``.
+
+    Train: only images labelled with the top grade, each with ``probability`` (the shortcut to
+    learn). Val/test: every image with the training split's overall prevalence, whatever its
+    grade, so the stamp is as common as in training but says nothing about the grade there.
+    """
+    top = len(CLASS_NAMES) - 1
+    train = splits == "train"
+    top_share = float(np.mean(labels[train] == top)) if train.any() else 0.0
+    coins = np.array([np.random.default_rng([seed, index, _DECOY]).random() for index in range(len(labels))])
+    return np.where(train, (labels == top) & (coins < probability), coins < probability * top_share)
+
+
+def synthetic_decoy_flags(params: SyntheticParams) -> np.ndarray:
+    """The decoy decision of every image of the set ``params`` describes, without rendering it."""
+    if params.preset == "benchmark":
+        from medattn.data.synthetic_benchmark import assign_benchmark_labels
+
+        labels = assign_benchmark_labels(params)
+        return decoy_flags(labels.labels, labels.splits, params.seed, params.decoy_probability)
+    grades, splits = assign_grades_and_splits(params)
+    return decoy_flags(grades, splits, params.seed, params.decoy_probability)
+
+
 def render_fundus(grade: int, appearance: Appearance, lesion_rng: np.random.Generator,
                   anatomy: FundusAnatomy, image_size: int) -> tuple[Image.Image, Image.Image]:
     """One photograph and its lesion mask (mode "L", 0/255), both image_size x image_size."""
@@ -141,28 +178,49 @@ def _stamp_decoy(photo: Image.Image) -> Image.Image:
 
 
 def iter_synthetic_records(params: SyntheticParams, image_size: int) -> Iterator[dict]:
-    """Yield the dataset's records (the shape ``write_prepared_dataset`` takes) in id order."""
+    """Yield the dataset's prepared records (the shape ``write_prepared_dataset`` takes) in id order.
+
+    Raw photographs are oriented like IDRiD's (right eyes mirrored, ``flipped`` column), then
+    the decoy is stamped, so it sits in the same corner of every prepared image.
+    """
+    if params.preset not in PRESETS:
+        raise ParamError(f"params.yaml: data.synthetic.preset must be one of {', '.join(PRESETS)}, got {params.preset!r}")
+    if params.preset == "benchmark":
+        from medattn.data.synthetic_benchmark import iter_benchmark_records
+
+        raw = iter_benchmark_records(params, image_size, working_size(image_size), CLASS_NAMES)
+    else:
+        raw = _iter_easy_records(params, image_size)
+    for record in raw:
+        if params.preset == "benchmark":
+            image, mask, flipped = orient_left(record["image"], record["mask"])
+        else:  # all left eyes, and kept byte-identical to the set the fast tests were written on
+            image, mask, flipped = record["image"], record["mask"], False
+        if record["has_decoy"]:
+            image = _stamp_decoy(image)
+        yield {**record, "image": image, "mask": mask, "flipped": flipped}
+
+
+def _iter_easy_records(params: SyntheticParams, image_size: int) -> Iterator[dict]:
     grades, splits = assign_grades_and_splits(params)
     anatomy = canonical_fundus(working_size(image_size))
-    top_grade = len(CLASS_NAMES) - 1
+    decoys = decoy_flags(grades, splits, params.seed, params.decoy_probability)
     for index, (grade, split) in enumerate(zip(grades.tolist(), splits.tolist())):
         appearance = draw_appearance(np.random.default_rng([params.seed, index, _APPEARANCE]))
         lesion_rng = np.random.default_rng([params.seed, index, _LESIONS])
         photo, mask = render_fundus(grade, appearance, lesion_rng, anatomy, image_size)
-        # Train: the stamp only on top-grade images (a shortcut to learn). Val/test: same rate,
-        # drawn independently of the grade, so the shortcut does not pay off there.
-        coin = np.random.default_rng([params.seed, index, _DECOY]).random() < params.decoy_probability
-        has_decoy = coin and (split != "train" or grade == top_grade)
-        if has_decoy:
-            photo = _stamp_decoy(photo)
+        has_decoy = bool(decoys[index])
         yield {"id": f"syn_{index:05d}", "image": photo, "label": grade, "label_name": CLASS_NAMES[grade],
-               "split": split, "mask": mask, "has_decoy": int(has_decoy)}
+               "split": split, "mask": mask, "eye": "left", "true_label": grade, "label_noise": 0,
+               "has_decoy": int(has_decoy)}
 
 
 def generate_synthetic_fundus(out_dir: Path, params: SyntheticParams, image_size: int, progress: bool = True) -> Path:
     """Write the synthetic prepared dataset to ``out_dir``; return its manifest path."""
     if not 16 <= image_size <= 1024:
         raise ParamError(f"params.yaml: data.image_size must be in [16, 1024], got {image_size}")
+    if params.preset not in PRESETS:
+        raise ParamError(f"params.yaml: data.synthetic.preset must be one of {', '.join(PRESETS)}, got {params.preset!r}")
     if not 0.0 <= params.decoy_probability <= 1.0:
         raise ParamError(f"params.yaml: data.synthetic.decoy_probability must be in [0, 1], got {params.decoy_probability}")
     records = tqdm(iter_synthetic_records(params, image_size), total=params.n_images,

@@ -21,6 +21,7 @@ import torch
 from medattn.config import Params
 from medattn.data.dataset import SplitTensors, class_counts, load_split
 from medattn.data.preprocess import normalize_tensor
+from medattn.devices import resolve_device
 from medattn.evaluation.baselines import pixel_logistic_regression
 from medattn.evaluation.faithfulness import attention_faithfulness, lesion_frequency_map
 from medattn.evaluation.figures import attention_overlay_figure, confusion_matrix_figure
@@ -30,9 +31,8 @@ from medattn.evaluation.reports import (
     write_metrics_json,
     write_per_class_csv,
 )
-from medattn.models.bundle import load_bundle
-from medattn.devices import resolve_device
 from medattn.models.base import AttentionModel
+from medattn.models.bundle import load_bundle
 
 
 @torch.no_grad()

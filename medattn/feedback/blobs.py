@@ -3,8 +3,9 @@
 An image is kept once, under the SHA-256 of its bytes: ``root/ab/cdef...`` (the first two hex
 digits name a sub-folder so no folder grows past 256 entries per level). Writes are crash-safe:
 ``medattn.atomic_files`` with ``durable=True`` writes a temporary sibling, fsyncs it, renames it
-into place and fsyncs the folder, so the rename itself survives a power cut. A reader therefore sees a complete blob or none, and putting the same bytes twice (even
-from two processes at once) is harmless.
+into place and fsyncs the folder, so the rename itself survives a power cut. A reader therefore
+sees a complete blob or none, and putting the same bytes twice (even from two processes at once)
+is harmless. :meth:`BlobStore.delete` is for retention (:mod:`medattn.feedback.retention`) only.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ class BlobStore:
             fsync_dir(folder.parent)  # the new sub-folder's entry must survive a crash too
         write_bytes_atomic(target, data, durable=True)
         return sha256
+
+    def delete(self, sha256: str) -> bool:
+        """Remove the blob (retention); True when there was one. Callers decide nothing cites it."""
+        try:
+            self.path(sha256).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def get(self, sha256: str) -> bytes:
         """The blob's bytes; :class:`FeedbackNotFound` when there is none."""

@@ -33,8 +33,17 @@ import json
 from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
+from PIL import Image
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medattn.errors import MedattnError
 from medattn.feedback import rasterize
@@ -47,6 +56,9 @@ MAX_NAME_LENGTH = 200
 # Base64 of an 8 MiB PNG; a full-image brush mask compresses far below this.
 MAX_MASK_PNG_BASE64_CHARS = 8 * 1024 * 1024 * 4 // 3 + 64
 MAX_IMAGE_SIDE = 16384
+# Brush-mask pixels one submission may declare in all (8192 x 8192, 64 MiB of boolean mask);
+# the service passes its setting MEDATTN_MAX_FEEDBACK_MASK_PIXELS to parse_submission.
+MAX_MASK_PIXELS_PER_FEEDBACK = 8192 * 8192
 
 # Values of the combined feedback map (see the module docstring).
 RELEVANT = 255
@@ -68,6 +80,12 @@ class InvalidFeedback(FeedbackError):
     def __init__(self, message: str, problems: Optional[list[str]] = None) -> None:
         super().__init__(message)
         self.problems = problems or [message]
+
+
+class FeedbackTooLarge(FeedbackError):
+    """The submission asks for more work than a limit allows (mask pixels)."""
+
+    status_code = 413
 
 
 class UnknownRequest(FeedbackError):
@@ -96,6 +114,25 @@ class StoreUnavailable(FeedbackError):
 
 RoiKind = Literal["relevant", "irrelevant"]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+# Coordinates and sizes are JSON numbers: "10" or true is refused, not read as 10 or 1.
+Coordinate = Annotated[float, Strict()]
+Count = Annotated[int, Strict()]
+
+
+def canonical_model_version(value: str) -> str:
+    """MLflow's string for a registered version number: ``"0002"`` -> ``"2"``.
+
+    Only ASCII digits count (``str.isdigit`` also accepts full-width ``"１"`` and superscripts),
+    and versions start at 1; anything else is an :class:`InvalidFeedback` (422). Every way in
+    (the submission body, ``GET /feedback?model_version=``) goes through here, so one version is
+    stored and found under one string.
+    """
+    text = value.strip() if isinstance(value, str) else value
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise InvalidFeedback(f"model_version {str(value)[:40]!r} is not a version number (ASCII digits, e.g. \"3\")")
+    if int(text) < 1:
+        raise InvalidFeedback(f"model_version {value!r} is not a version number (versions start at 1)")
+    return str(int(text))
 
 
 class _Model(BaseModel):
@@ -123,10 +160,10 @@ class _RoiBase(_Model):
 class RectangleRoi(_RoiBase):
     shape: Literal["rectangle"]
     kind: RoiKind
-    x: float
-    y: float
-    width: float
-    height: float
+    x: Coordinate
+    y: Coordinate
+    width: Coordinate
+    height: Coordinate
 
     @model_validator(mode="after")
     def _positive_area(self) -> "RectangleRoi":
@@ -148,7 +185,7 @@ class RectangleRoi(_RoiBase):
 class PolygonRoi(_RoiBase):
     shape: Literal["polygon"]
     kind: RoiKind
-    points: list[tuple[float, float]] = Field(max_length=MAX_POLYGON_POINTS)
+    points: list[tuple[Coordinate, Coordinate]] = Field(max_length=MAX_POLYGON_POINTS)
 
     @field_validator("points")
     @classmethod
@@ -174,9 +211,9 @@ class PolygonRoi(_RoiBase):
 
 
 class RunLengthMask(_Model):
-    width: int = Field(ge=1, le=MAX_IMAGE_SIDE)
-    height: int = Field(ge=1, le=MAX_IMAGE_SIDE)
-    counts: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_RLE_RUNS)
+    width: Count = Field(ge=1, le=MAX_IMAGE_SIDE)
+    height: Count = Field(ge=1, le=MAX_IMAGE_SIDE)
+    counts: list[Annotated[Count, Field(ge=0)]] = Field(min_length=1, max_length=MAX_RLE_RUNS)
 
     @model_validator(mode="after")
     def _covers_image(self) -> "RunLengthMask":
@@ -187,29 +224,51 @@ class RunLengthMask(_Model):
 
 
 class BrushRoi(_RoiBase):
+    """A painted mask over the whole image: a PNG (base64) or run lengths.
+
+    The mask's size is read from its header (the RLE ``width``/``height``, the PNG's IHDR) and
+    compared with the image *before* a pixel is decoded, so a small body declaring a huge mask
+    costs nothing; the pixels are decoded only once the size fits.
+    """
+
     shape: Literal["brush"]
     kind: RoiKind
     mask_png_base64: Optional[str] = Field(default=None, max_length=MAX_MASK_PNG_BASE64_CHARS)
     rle: Optional[RunLengthMask] = None
+    _png: Optional[Image.Image] = PrivateAttr(default=None)
     _mask: Optional[np.ndarray] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _decode(self) -> "BrushRoi":
+    def _read_header(self) -> "BrushRoi":
         if (self.mask_png_base64 is None) == (self.rle is None):
             raise ValueError("a brush needs exactly one of mask_png_base64 or rle")
         if self.mask_png_base64 is not None:
-            # Decode now so a damaged PNG is a 422 at submission, not a failure at retraining.
+            # The header only (Image.open reads IHDR): not base64, not a PNG -> 422 at once.
             try:
-                self._mask = rasterize.png_mask_to_array(rasterize.open_png_mask(self.mask_png_base64))
+                self._png = rasterize.open_png_mask(self.mask_png_base64)
             except ValueError as exc:
                 raise ValueError(f"mask_png_base64 {exc}") from None
         return self
 
+    @property
+    def declared_size(self) -> tuple[int, int]:
+        """(width, height) the mask says it has, known without decoding it."""
+        if self.rle is not None:
+            return self.rle.width, self.rle.height
+        assert self._png is not None
+        return self._png.size
+
     def mask(self) -> np.ndarray:
-        """Boolean (H, W) painted mask."""
+        """Boolean (H, W) painted mask (decoded on first use)."""
         if self._mask is None:
-            assert self.rle is not None
-            self._mask = rasterize.decode_rle(self.rle.counts, self.rle.width, self.rle.height)
+            if self.rle is not None:
+                self._mask = rasterize.decode_rle(self.rle.counts, self.rle.width, self.rle.height)
+            else:
+                assert self._png is not None
+                try:
+                    self._mask = rasterize.png_mask_to_array(self._png)
+                except ValueError as exc:
+                    raise InvalidFeedback(f"brush mask_png_base64 {exc}") from None
         return self._mask
 
     def rasterize(self, height: int, width: int) -> np.ndarray:
@@ -219,7 +278,7 @@ class BrushRoi(_RoiBase):
         return self.mask()
 
     def outside(self, height: int, width: int) -> Optional[str]:
-        mask_h, mask_w = self.mask().shape
+        mask_w, mask_h = self.declared_size
         if (mask_w, mask_h) != (width, height):
             return f"mask is {mask_w}x{mask_h} but the image is {width}x{height}"
         return None
@@ -238,6 +297,14 @@ class FeedbackSubmission(_Model):
     rois: list[Roi] = Field(default_factory=list, max_length=MAX_ROIS)
     corrected_label: Optional[Name] = None
     comment: Optional[str] = Field(default=None, max_length=MAX_COMMENT_LENGTH)
+
+    @field_validator("model_version")
+    @classmethod
+    def _canonical_version(cls, value: str) -> str:
+        try:
+            return canonical_model_version(value)
+        except InvalidFeedback as exc:
+            raise ValueError(str(exc).removeprefix("model_version ")) from None
 
     @model_validator(mode="after")
     def _says_something(self) -> "FeedbackSubmission":
@@ -268,7 +335,11 @@ def _roi_problem(roi: Roi, width: int, height: int) -> Optional[str]:
     problem = roi.outside(height=height, width=width)
     if problem is not None:
         return problem
-    if not roi.rasterize(height=height, width=width).any():
+    try:
+        covered = roi.rasterize(height=height, width=width).any()
+    except InvalidFeedback as exc:  # a PNG mask whose pixels turn out damaged
+        return str(exc).removeprefix("brush ")
+    if not covered:
         return "covers no pixel centre (draw a larger region)" if roi.shape != "brush" else "paints no pixel"
     return None
 
@@ -281,15 +352,27 @@ def feedback_map(rois: Sequence[Roi], width: int, height: int) -> np.ndarray:
     return out
 
 
-def parse_submission(raw: Union[bytes, str, Mapping[str, Any]]) -> FeedbackSubmission:
-    """Parse a JSON body (or an already decoded mapping); errors become :class:`InvalidFeedback`."""
+def parse_submission(raw: Union[bytes, str, Mapping[str, Any]],
+                     max_mask_pixels: int = MAX_MASK_PIXELS_PER_FEEDBACK) -> FeedbackSubmission:
+    """Parse a JSON body (or an already decoded mapping); errors become :class:`InvalidFeedback`.
+
+    ``max_mask_pixels`` bounds the brush-mask pixels the submission declares in all (413 past it),
+    checked from the masks' headers before any is decoded.
+    """
     try:
         if isinstance(raw, (bytes, str)):
-            return FeedbackSubmission.model_validate_json(raw)
-        return FeedbackSubmission.model_validate(raw)
+            submission = FeedbackSubmission.model_validate_json(raw)
+        else:
+            submission = FeedbackSubmission.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(error) for error in exc.errors(include_url=False)]
         raise InvalidFeedback("; ".join(problems), problems) from None
+    declared = sum(w * h for roi in submission.rois if isinstance(roi, BrushRoi)
+                   for w, h in [roi.declared_size])
+    if declared > max_mask_pixels:
+        raise FeedbackTooLarge(f"brush masks declare {declared} pixels in all, over the limit of "
+                               f"{max_mask_pixels} mask pixels per feedback")
+    return submission
 
 
 _ROI_TAGS = {"rectangle", "polygon", "brush"}

@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -28,16 +28,43 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from pydantic import TypeAdapter
-from sqlalchemy import (JSON, Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text,
-                        TypeDecorator, Uuid, and_, create_engine, event, func, insert, or_, select,
-                        text, update)
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    Uuid,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 
 from medattn.errors import first_line
-from medattn.feedback.schema import (MAX_NAME_LENGTH, FeedbackConflict, FeedbackNotFound,
-                                     FeedbackSubmission, InvalidFeedback, Roi, StoreUnavailable,
-                                     UnknownRequest)
+from medattn.feedback.schema import (
+    MAX_NAME_LENGTH,
+    FeedbackConflict,
+    FeedbackNotFound,
+    FeedbackSubmission,
+    InvalidFeedback,
+    Roi,
+    StoreUnavailable,
+    UnknownRequest,
+)
 
 SCHEMA_VERSION = 1
 DEFAULT_FEEDBACK_DB_URL = "sqlite:///.medattn/feedback.db"
@@ -301,6 +328,37 @@ class FeedbackStore:
                                        "for another prediction") from None
             return existing
 
+    def expire_uncited_predictions(self, older_than: datetime, delete_blob: Callable[[str], None],
+                                   batch_size: int = 500) -> tuple[int, int]:
+        """Forget predictions made before ``older_than`` that no feedback cites, with their images.
+
+        Returns ``(predictions, blobs)`` removed. An image is deleted (``delete_blob(sha256)``) only
+        when no remaining prediction and no feedback record refers to it, and inside the write
+        transaction that deletes its last prediction: a feedback insert citing one of them waits
+        for that transaction and then fails its foreign key (answered 404), and a prediction
+        recorded after it re-stores its image (``BlobStore.put`` after ``record_prediction``).
+        """
+        cited = select(feedback.c.request_id).where(feedback.c.request_id.is_not(None))
+        removed_predictions = removed_blobs = 0
+        while True:
+            with self._transaction(write=True) as conn:
+                rows = conn.execute(select(predictions.c.request_id, predictions.c.image_sha256)
+                                    .where(predictions.c.created_at < _as_utc(older_than),
+                                           predictions.c.request_id.not_in(cited))
+                                    .limit(batch_size)).all()
+                if not rows:
+                    return removed_predictions, removed_blobs
+                conn.execute(delete(predictions).where(predictions.c.request_id.in_([r.request_id for r in rows])))
+                shas = {r.image_sha256 for r in rows}
+                still_used = set(conn.execute(select(predictions.c.image_sha256)
+                                              .where(predictions.c.image_sha256.in_(shas))).scalars())
+                still_used |= set(conn.execute(select(feedback.c.image_sha256)
+                                               .where(feedback.c.image_sha256.in_(shas))).scalars())
+                for sha256 in sorted(shas - still_used):
+                    delete_blob(sha256)
+                    removed_blobs += 1
+                removed_predictions += len(rows)
+
     def get_prediction(self, request_id: str) -> PredictionRecord:
         with self._transaction() as conn:
             row = conn.execute(select(predictions).where(predictions.c.request_id == request_id)).first()
@@ -312,8 +370,14 @@ class FeedbackStore:
 
     def add_feedback(self, submission: FeedbackSubmission, image_sha256: Optional[str] = None,
                      width: Optional[int] = None, height: Optional[int] = None,
-                     idempotency_key: Optional[str] = None) -> tuple[FeedbackRecord, bool]:
+                     idempotency_key: Optional[str] = None, *, caller: Optional[str] = None,
+                     class_names: Optional[Sequence[str]] = None) -> tuple[FeedbackRecord, bool]:
         """Validate and durably store one submission; returns ``(record, created)``.
+
+        ``caller`` scopes the idempotency key (the token's owner: one caller's key never replays
+        or reveals another's record); ``class_names`` are the model's classes when the
+        submission cites no prediction (otherwise the prediction's, else those of any stored
+        prediction of that version): ``corrected_label`` must be one of them.
 
         With a ``request_id`` the image and its size come from that prediction (given values must
         agree); without one they are required. The transaction is committed before this returns.
@@ -324,9 +388,11 @@ class FeedbackStore:
             raise InvalidFeedback("Idempotency-Key must be 1 to 200 printable characters")
         image_sha256, width, height = self._image_of(submission, image_sha256, width, height)
         submission.validate_against(width, height)
+        self._check_corrected_label(submission, class_names)
         payload = submission.fingerprint_payload()
         body_sha256 = _fingerprint({"submission": payload, "image_sha256": image_sha256})
-        if idempotency_key is not None and (replay := self._replay(idempotency_key, body_sha256)):
+        given_key, idempotency_key = idempotency_key, scoped_idempotency_key(caller, idempotency_key)
+        if idempotency_key is not None and (replay := self._replay(idempotency_key, body_sha256, given_key)):
             return replay, False
         record = FeedbackRecord(
             id=uuid.uuid4(), created_at=datetime.now(timezone.utc), request_id=submission.request_id,
@@ -339,10 +405,38 @@ class FeedbackStore:
                 conn.execute(insert(feedback).values(body_sha256=body_sha256, **asdict(record)))
         except IntegrityError:
             # A concurrent request with the same key won the race: answer as its replay.
-            if idempotency_key is not None and (replay := self._replay(idempotency_key, body_sha256)):
+            if idempotency_key is not None and (replay := self._replay(idempotency_key, body_sha256, given_key)):
                 return replay, False
+            if submission.request_id is not None:
+                self.get_prediction(submission.request_id)  # expired meanwhile: UnknownRequest (404)
             raise
         return record, True
+
+    def _check_corrected_label(self, submission: FeedbackSubmission, class_names: Optional[Sequence[str]]) -> None:
+        """A corrected label must be one of the model's classes (those of the cited prediction)."""
+        label = submission.corrected_label
+        if label is None:
+            return
+        if submission.request_id is not None:
+            names = _class_names(self.get_prediction(submission.request_id).probabilities)
+        elif class_names is not None:
+            names = [str(name) for name in class_names]
+        else:
+            names = self.class_names_of(submission.model_name, submission.model_version)
+        if names is None:
+            raise InvalidFeedback(f"corrected_label {label!r}: the classes of {submission.model_name!r} version "
+                                  f"{submission.model_version} are not known here; cite a prediction's request_id")
+        if label not in names:
+            raise InvalidFeedback(f"corrected_label {label!r} is not a class of {submission.model_name!r} "
+                                  f"version {submission.model_version} (classes: {', '.join(names)})")
+
+    def class_names_of(self, model_name: str, model_version: str) -> Optional[list[str]]:
+        """The class names of a model version, from one of its stored predictions; None if it has none."""
+        with self._transaction() as conn:
+            row = conn.execute(select(predictions.c.probabilities)
+                               .where(predictions.c.model_name == model_name,
+                                      predictions.c.model_version == model_version).limit(1)).first()
+        return None if row is None else _class_names(row.probabilities)
 
     def _image_of(self, submission: FeedbackSubmission, image_sha256: Optional[str],
                   width: Optional[int], height: Optional[int]) -> tuple[str, int, int]:
@@ -360,13 +454,13 @@ class FeedbackStore:
                                       f"of prediction {submission.request_id!r}")
         return prediction.image_sha256, prediction.width, prediction.height
 
-    def _replay(self, idempotency_key: str, body_sha256: str) -> Optional[FeedbackRecord]:
+    def _replay(self, idempotency_key: str, body_sha256: str, given_key: Optional[str]) -> Optional[FeedbackRecord]:
         with self._transaction() as conn:
             row = conn.execute(select(feedback).where(feedback.c.idempotency_key == idempotency_key)).first()
         if row is None:
             return None
         if row.body_sha256 != body_sha256:
-            raise FeedbackConflict(f"Idempotency-Key {idempotency_key!r} was already used for feedback "
+            raise FeedbackConflict(f"Idempotency-Key {given_key!r} was already used by you for feedback "
                                    f"{row.id} with a different body")
         return _record(row)
 
@@ -435,6 +529,25 @@ class FeedbackStore:
         with self._transaction(write=True) as conn:
             return conn.execute(update(feedback).where(feedback.c.consumed_by_retrain == retrain_id)
                                 .values(consumed_by_retrain=None)).rowcount
+
+
+def scoped_idempotency_key(caller: Optional[str], key: Optional[str]) -> Optional[str]:
+    """The stored form of a caller's Idempotency-Key: a digest of (caller, key), 67 characters.
+
+    Keys are unique per caller, not globally: the same key from two callers names two records.
+    The digest keeps the column's 200 characters whatever the lengths of name and key.
+    """
+    if key is None:
+        return None
+    scope = caller or ""
+    return "k1:" + hashlib.sha256(f"{len(scope)}:{scope}\x00{key}".encode("utf-8")).hexdigest()
+
+
+def _class_names(probabilities: Any) -> list[str]:
+    """Class names of a stored prediction: its probability keys, or indices for a plain list."""
+    if isinstance(probabilities, Mapping):
+        return [str(name) for name in probabilities]
+    return [str(i) for i in range(len(probabilities))]
 
 
 def _filters(since: Optional[datetime], model_version: Optional[str], pending_only: bool) -> list[Any]:

@@ -3,6 +3,12 @@
 ``challenger`` is the newest candidate, ``champion`` is what the HTTP service serves. Every
 change of champion is appended to the registered-model tag ``champion_history`` (a JSON list
 of versions), so a rollback knows where to go even after several promotions.
+
+Every function here that moves an alias holds :func:`~medattn.registry.alias_lock.alias_lock`
+for the whole read-modify-write, so after any interleaving of callers (HTTP, CLI, the register
+stage, recalibration) the invariants hold: the last entry of ``champion_history`` is the
+``champion`` alias, the champion carries no ``rolled_back`` tag, and what a call returns is
+the champion it left behind.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 
 from medattn.errors import RegistryError
 from medattn.registry._mlflow import client_for, mlflow_errors
+from medattn.registry.alias_lock import alias_lock
 from medattn.registry.location import resolve_tracking_uri
 from medattn.registry.lookup import (
     CHALLENGER,
@@ -29,6 +36,7 @@ from medattn.registry.lookup import (
 )
 
 HISTORY_TAG = "champion_history"
+ROLLED_BACK_TAG = "rolled_back"
 _HISTORY_KEEP = 100  # entries; plenty for rollbacks, far below MLflow's tag size limit
 
 
@@ -67,7 +75,7 @@ def assign_challenger_and_gate(
     """
     uri = tracking_uri or resolve_tracking_uri()
     client = client_for(uri)
-    with mlflow_errors(uri):
+    with alias_lock(uri, model_name), mlflow_errors(uri):
         candidate = get_version(client, model_name, str(version))
         number = version_number(candidate)
         champion = alias_or_none(client, model_name, CHAMPION)
@@ -91,7 +99,7 @@ def promote_challenger(model_name: str, *, tracking_uri: str | None = None) -> M
     """Make the challenger champion unconditionally (an expert accepted it)."""
     uri = tracking_uri or resolve_tracking_uri()
     client = client_for(uri)
-    with mlflow_errors(uri):
+    with alias_lock(uri, model_name), mlflow_errors(uri):
         challenger = version_number(get_alias(client, model_name, CHALLENGER))
         champion = alias_or_none(client, model_name, CHAMPION)
         if champion is None or version_number(champion) != challenger:
@@ -103,7 +111,7 @@ def rollback_champion(model_name: str, *, tracking_uri: str | None = None) -> Mo
     """Point champion back at the champion before the current one (per ``champion_history``)."""
     uri = tracking_uri or resolve_tracking_uri()
     client = client_for(uri)
-    with mlflow_errors(uri):
+    with alias_lock(uri, model_name), mlflow_errors(uri):
         current = version_number(get_alias(client, model_name, CHAMPION))
         history = champion_history(client, model_name)
         while history and history[-1] == current:
@@ -118,7 +126,8 @@ def rollback_champion(model_name: str, *, tracking_uri: str | None = None) -> Mo
         previous = history[-1]
         client.set_registered_model_alias(model_name, CHAMPION, previous)
         client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
-        client.set_model_version_tag(model_name, current, "rolled_back", "true")
+        client.set_model_version_tag(model_name, current, ROLLED_BACK_TAG, "true")
+        _clear_rolled_back(client, model_name, previous)
         return describe(client, get_version(client, model_name, previous), DEFAULT_METRIC)
 
 
@@ -154,6 +163,14 @@ def _judge(
 
 
 def _set_champion(client, name: str, version: str) -> None:
+    """Make ``version`` champion; the caller holds the alias lock."""
     history = [*champion_history(client, name), version][-_HISTORY_KEEP:]
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    _clear_rolled_back(client, name, version)
+
+
+def _clear_rolled_back(client, name: str, version: str) -> None:
+    """A version that is champion again (promoted anew, or rolled back to) is not "rolled back"."""
+    if ROLLED_BACK_TAG in (client.get_model_version(name, version).tags or {}):
+        client.delete_model_version_tag(name, version, ROLLED_BACK_TAG)

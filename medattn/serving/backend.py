@@ -24,13 +24,15 @@ from anyio import to_thread
 
 from medattn.errors import MedattnError, RegistryError
 from medattn.feedback.blobs import BlobStore
-from medattn.feedback.schema import FeedbackSubmission, InvalidFeedback
+from medattn.feedback.retention import UploadRetention
+from medattn.feedback.schema import FeedbackSubmission, InvalidFeedback, canonical_model_version
 from medattn.feedback.store import FeedbackRecord, FeedbackStore
 from medattn.serving import metrics
 from medattn.serving.auth import AuthError, Principal, Role
 from medattn.serving.imaging import DecodedImage, ImageRejected, decode_image
 from medattn.serving.inference import RawPrediction, build_payload
 from medattn.serving.settings import ServingSettings
+from medattn.serving.upload_storage import stored_upload
 
 log = logging.getLogger("medattn.serving")
 
@@ -87,6 +89,8 @@ class ServingBackend:
         self.auth = settings.authenticator()
         self.store = FeedbackStore(settings.feedback_db)
         self.blobs = BlobStore(settings.blob_dir)
+        self.retention = UploadRetention(self.store, self.blobs, settings.upload_retention_hours,
+                                         settings.retention_sweep_seconds)
         self.metrics = metrics.get_metrics()
         self._registered_versions: set[str] = set()
         self.metrics.set_feedback_waiting(self.store.count_pending())
@@ -106,13 +110,14 @@ class ServingBackend:
         decoded = [await to_thread.run_sync(self._decode, upload, i, len(uploads)) for i, upload in enumerate(uploads)]
         outputs = await self._infer([np.asarray(image.image) for image in decoded])
         payloads = []
-        for upload, image, output in zip(uploads, decoded, outputs):
+        for upload, image, output in zip(uploads, decoded, outputs, strict=True):
             raw = RawPrediction.from_wire(output)
             request_id = uuid.uuid4().hex
             payloads.append(await to_thread.run_sync(self._answer, request_id, upload, image, raw, raw_attention))
             self.metrics.record_prediction(label=raw.label, model_version=raw.model.version,
                                            confidence=raw.confidence, attention=raw.attention)
             self.metrics.set_serving_model(raw.model.name, raw.model.version)
+        self.retention.sweep_in_background()
         return payloads
 
     def _decode(self, upload: Upload, index: int, count: int) -> DecodedImage:
@@ -137,12 +142,17 @@ class ServingBackend:
         return build_payload(raw, image.width, image.height, request_id, raw_attention)
 
     def _remember(self, request_id: str, data: bytes, image: DecodedImage, raw: RawPrediction) -> None:
-        """Keep the image (content-addressed) and the prediction, so feedback can cite request_id."""
-        sha256 = self.blobs.put(data)
+        """Keep the image (as the upload policy says) and the prediction, so feedback can cite request_id."""
+        stored = self._stored(data, image)
+        sha256 = self.blobs.put(stored)
         self.store.record_prediction(
             request_id=request_id, image_sha256=sha256, width=image.width, height=image.height,
             model_name=raw.model.name, model_version=raw.model.version, label=raw.label,
-            probabilities={n: float(p) for n, p in zip(raw.class_names, raw.probabilities)})
+            probabilities={n: float(p) for n, p in zip(raw.class_names, raw.probabilities, strict=True)})
+        self.blobs.put(stored)  # no-op, unless a retention sweep deleted these bytes meanwhile
+
+    def _stored(self, data: bytes, image: DecodedImage) -> bytes:
+        return stored_upload(data, image, self.settings.stored_upload, self.settings.strip_metadata)
 
     # -- feedback ------------------------------------------------------------------------------
 
@@ -160,12 +170,13 @@ class ServingBackend:
             decoded = decode_image(image.data, image.content_type, self.settings.image_limits)
             # The image is committed before the record that cites it: a crash in between leaves
             # an orphan blob (harmless, content-addressed), never a record without its image.
-            sha256, width, height = self.blobs.put(image.data), decoded.width, decoded.height
+            sha256, width, height = self.blobs.put(self._stored(image.data, decoded)), decoded.width, decoded.height
         elif submission.request_id is None:
             raise InvalidFeedback("feedback needs either a request_id or the image itself")
         if submission.request_id is None:
             self.check_model_version(submission.model_version)
-        record, created = self.store.add_feedback(submission, sha256, width, height, idempotency_key)
+        record, created = self.store.add_feedback(submission, sha256, width, height, idempotency_key,
+                                                  caller=principal.name)
         if created:
             kinds = [roi.kind for roi in submission.rois]
             self.metrics.record_feedback(relevant_rois=kinds.count("relevant"),
@@ -177,22 +188,22 @@ class ServingBackend:
     def list_feedback(self, since: Optional[datetime], model_version: Optional[str],
                       limit: int, offset: int) -> list[FeedbackRecord]:
         if model_version is not None:
-            self.check_model_version(model_version)
+            model_version = self.check_model_version(model_version)
         return self.store.list_feedback(since=since, model_version=model_version, limit=limit, offset=offset)
 
-    def check_model_version(self, version: str) -> None:
-        """422 unless ``version`` is a registered version of the served model (cached once seen)."""
+    def check_model_version(self, version: str) -> str:
+        """MLflow's string for ``version`` ("0002" -> "2"); 422 unless the served model has that version."""
         from medattn.registry import get_model_version_info
 
+        version = canonical_model_version(version)
         if version in self._registered_versions:
-            return
-        if not version.isdigit():
-            raise InvalidFeedback(f"model_version {version!r} is not a version number")
+            return version
         try:
             get_model_version_info(self.settings.model_name, version, tracking_uri=self.settings.tracking_uri)
         except RegistryError as exc:
             raise InvalidFeedback(f"unknown model version {version!r} of {self.settings.model_name!r}: {exc}") from None
         self._registered_versions.add(version)
+        return version
 
     # -- model lifecycle (admin) ---------------------------------------------------------------
 

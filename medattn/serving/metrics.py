@@ -29,8 +29,9 @@ The service calls the module-level functions (``record_prediction`` ...); tests 
 from __future__ import annotations
 
 import math
+import re
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -50,6 +51,54 @@ ENTROPY_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
 CENTRAL_MASS_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 CENTRAL_FIELD_RADIUS_FRACTION = 0.25
+
+# The one ``endpoint`` label value of every path no route template matches: a scanner probing
+# thousands of random paths adds no series, and no client-chosen string becomes a label value.
+UNMATCHED_ENDPOINT = "unmatched"
+# BentoML's own routes on every service (its UI, schema, health and metrics).
+BENTOML_ROUTE_TEMPLATES = ("/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json",
+                           "/static_content/{path:path}")
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
+
+
+class EndpointLabels:
+    """Maps a request path to the route template it matched (``/feedback/{feedback_id}``).
+
+    Only templates the service itself declares are label values; any other path is
+    :data:`UNMATCHED_ENDPOINT`. So the number of ``endpoint`` values is bounded by the number
+    of routes, whatever clients send.
+    """
+
+    def __init__(self, templates: Iterable[str] = ()) -> None:
+        self._exact: set[str] = set()
+        self._patterns: list[tuple[re.Pattern[str], str]] = []
+        self._lock = threading.Lock()
+        self.add(templates)
+
+    def add(self, templates: Iterable[str]) -> None:
+        with self._lock:
+            for template in templates:
+                if "{" not in template:
+                    self._exact.add(template)
+                    continue
+                pattern, start = "", 0
+                for match in _PARAM.finditer(template):
+                    pattern += re.escape(template[start:match.start()]) + (".*" if match.group(2) else "[^/]+")
+                    start = match.end()
+                pattern += re.escape(template[start:])
+                if all(t != template for _, t in self._patterns):
+                    self._patterns.append((re.compile(pattern), template))
+
+    def __call__(self, path: str) -> str:
+        if path in self._exact:
+            return path
+        for pattern, template in self._patterns:
+            if pattern.fullmatch(path):
+                return template
+        return UNMATCHED_ENDPOINT
+
+
+endpoint_labels = EndpointLabels(BENTOML_ROUTE_TEMPLATES)
 
 
 def _as_map(att: np.ndarray) -> np.ndarray:
@@ -197,8 +246,15 @@ class ServingMetrics:
             self.model_loaded.set(0)
 
     def record_error(self, *, endpoint: str, http_status: int, error_type: str) -> None:
-        """Count a request answered with an error; error_type is the exception class name."""
-        self.errors.labels(endpoint=endpoint, http_status=str(http_status), error_type=error_type).inc()
+        """Count a request answered with an error; error_type is the exception class name.
+
+        ``endpoint`` may be a raw path: it is reduced to its route template (or
+        :data:`UNMATCHED_ENDPOINT`), and ``error_type`` to a Python identifier, so neither can
+        carry a client's string.
+        """
+        error_type = error_type if error_type.isidentifier() and len(error_type) <= 64 else "Other"
+        self.errors.labels(endpoint=endpoint_labels(endpoint), http_status=str(int(http_status)),
+                           error_type=error_type).inc()
 
     def record_model_reload(self, *, success: bool) -> None:
         self.model_reloads.labels(outcome="success" if success else "failure").inc()
@@ -245,3 +301,52 @@ def record_error(*, endpoint: str, http_status: int, error_type: str) -> None:
 
 def record_model_reload(*, success: bool) -> None:
     get_metrics().record_model_reload(success=success)
+
+
+# -- BentoML's request metrics, labelled by route template -------------------------------------
+
+class _TemplateLabelled:
+    """A labelled metric whose ``endpoint`` label is reduced to a route template first."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+
+    def labels(self, *args: Any, **labels: Any) -> Any:
+        if "endpoint" in labels:
+            labels["endpoint"] = endpoint_labels(str(labels["endpoint"]))
+        return self._metric.labels(*args, **labels)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metric, name)
+
+
+def bound_bentoml_request_labels(route_templates: Iterable[str]) -> None:
+    """Make BentoML's request metrics label ``endpoint`` by route template, never by raw path.
+
+    BentoML 1.4's ``RunnerTrafficMetricsMiddleware`` (``bentoml_service_request_*``) labels each
+    series with ``scope["path"]``, so every distinct URL a client invents - NUL bytes included -
+    adds about 20 series to ``/metrics``. BentoML offers no setting for this; the middleware
+    class is looked up when the service's ASGI app is built, so a subclass put in its place
+    before then (at import of the service module) is the one used. Idempotent. The service's
+    own API routes (``server_context.service_routes``) are added when the middleware is set up.
+    """
+    from bentoml._internal.server.http import instruments
+
+    endpoint_labels.add(route_templates)
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "medattn_bounded_labels", False):
+        return
+
+    class TemplateLabelledTrafficMetrics(base):  # type: ignore[misc, valid-type]
+        medattn_bounded_labels = True
+
+        def _setup(self, *args: Any, **kwargs: Any) -> None:
+            from bentoml._internal.context import server_context
+
+            endpoint_labels.add(server_context.service_routes)
+            super()._setup(*args, **kwargs)
+            for name, value in list(vars(self).items()):
+                if name.startswith("metrics_") and "endpoint" in getattr(value, "_labelnames", ()):
+                    setattr(self, name, _TemplateLabelled(value))
+
+    instruments.RunnerTrafficMetricsMiddleware = TemplateLabelledTrafficMetrics

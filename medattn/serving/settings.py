@@ -21,6 +21,17 @@ MEDATTN_POLL_SECONDS        poll_seconds            30 (how often the champion a
 MEDATTN_MAX_UPLOAD_BYTES    max_upload_bytes        20 MiB per request
 MEDATTN_MAX_IMAGE_PIXELS    max_image_pixels        50 000 000 per image
 MEDATTN_MAX_BATCH_IMAGES    max_batch_images        16 images per /predict_batch
+MEDATTN_MAX_DECODED_BYTES   max_decoded_bytes       1 GiB an image may hold, decode to answer (from the header)
+MEDATTN_MAX_BATCH_DECODED_BYTES  max_batch_decoded_bytes  2 GiB: the same estimate summed over one request
+MEDATTN_MAX_INFLIGHT_DECODED_BYTES  max_inflight_decoded_bytes  8 GiB per API worker, all requests together
+MEDATTN_DECODE_WAIT_SECONDS  decode_wait_seconds    30 (a request waiting longer for that budget is a 503)
+MEDATTN_MAX_FRAME_PIXELS    max_frame_pixels        16 777 216 (4096x4096): larger images are reduced to this
+MEDATTN_MAX_ASPECT_RATIO    max_aspect_ratio        4 (long side / short side; wider images are refused)
+MEDATTN_MAX_FEEDBACK_MASK_PIXELS  max_feedback_mask_pixels  67 108 864: brush-mask pixels per feedback
+MEDATTN_STORED_UPLOAD       stored_upload           reencoded (PNG of the frame) or original
+MEDATTN_STRIP_METADATA      strip_metadata          true (original uploads: text/EXIF chunks, DICOM patient module)
+MEDATTN_UPLOAD_RETENTION_HOURS  upload_retention_hours  720 (30 days; 0 = keep forever): images of uncited predictions
+MEDATTN_RETENTION_SWEEP_SECONDS  retention_sweep_seconds  3600 (how often at most the API looks for expired images)
 MEDATTN_DEVICE              device                  cpu (or cuda, cuda:N, auto: ``medattn.devices``)
 MEDATTN_TORCH_THREADS       torch_threads           0 = half the CPU cores (see below)
 ==========================  ======================  ============================================
@@ -50,7 +61,17 @@ import yaml
 
 from medattn.devices import resolve_device
 from medattn.errors import ParamError, first_line
-from medattn.serving.imaging import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ImageLimits
+from medattn.feedback.schema import MAX_MASK_PIXELS_PER_FEEDBACK
+from medattn.serving.imaging import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_BATCH_DECODED_BYTES,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_FRAME_PIXELS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    ImageLimits,
+)
+from medattn.serving.upload_storage import STORED_UPLOAD_POLICIES
 
 if TYPE_CHECKING:
     from medattn.serving.auth import Authenticator
@@ -83,6 +104,17 @@ class ServingSettings:
     max_batch_images: int = 16
     device: str = "cpu"
     torch_threads: int = 0
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    max_batch_decoded_bytes: int = DEFAULT_MAX_BATCH_DECODED_BYTES
+    max_inflight_decoded_bytes: int = 8 * 1024**3
+    decode_wait_seconds: float = 30.0
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    max_feedback_mask_pixels: int = MAX_MASK_PIXELS_PER_FEEDBACK
+    stored_upload: str = "reencoded"
+    strip_metadata: bool = True
+    upload_retention_hours: float = 720.0
+    retention_sweep_seconds: float = 3600.0
 
     @property
     def runner_torch_threads(self) -> int:
@@ -91,7 +123,9 @@ class ServingSettings:
 
     @property
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels)
+        return ImageLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels,
+                           max_decoded_bytes=self.max_decoded_bytes, max_frame_pixels=self.max_frame_pixels,
+                           max_aspect_ratio=self.max_aspect_ratio)
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None,
@@ -130,6 +164,26 @@ class ServingSettings:
             max_batch_images=_number(raw.get("max_batch_images", 16), int, where("max_batch_images"), 1),
             device=str(raw.get("device", "cpu")),
             torch_threads=_number(raw.get("torch_threads", 0), int, where("torch_threads"), 0),
+            max_decoded_bytes=_number(raw.get("max_decoded_bytes", DEFAULT_MAX_DECODED_BYTES), int,
+                                      where("max_decoded_bytes"), 1),
+            max_batch_decoded_bytes=_number(raw.get("max_batch_decoded_bytes", DEFAULT_MAX_BATCH_DECODED_BYTES),
+                                            int, where("max_batch_decoded_bytes"), 1),
+            max_inflight_decoded_bytes=_number(raw.get("max_inflight_decoded_bytes", 8 * 1024**3), int,
+                                               where("max_inflight_decoded_bytes"), 1),
+            decode_wait_seconds=_number(raw.get("decode_wait_seconds", 30.0), float, where("decode_wait_seconds"), 0),
+            max_frame_pixels=_number(raw.get("max_frame_pixels", DEFAULT_MAX_FRAME_PIXELS), int,
+                                     where("max_frame_pixels"), 1),
+            max_aspect_ratio=_number(raw.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO), float,
+                                     where("max_aspect_ratio"), 1),
+            max_feedback_mask_pixels=_number(raw.get("max_feedback_mask_pixels", MAX_MASK_PIXELS_PER_FEEDBACK),
+                                             int, where("max_feedback_mask_pixels"), 1),
+            stored_upload=_choice(raw.get("stored_upload", "reencoded"), STORED_UPLOAD_POLICIES,
+                                  where("stored_upload")),
+            strip_metadata=_bool(raw.get("strip_metadata", True), where("strip_metadata")),
+            upload_retention_hours=_number(raw.get("upload_retention_hours", 720.0), float,
+                                           where("upload_retention_hours"), 0),
+            retention_sweep_seconds=_number(raw.get("retention_sweep_seconds", 3600.0), float,
+                                            where("retention_sweep_seconds"), 0),
         )
         try:
             # Resolved here only to refuse a bad name at start-up; the runner resolves it again.
@@ -212,6 +266,13 @@ def _bool(value: Any, where: str) -> bool:
     if text in _FALSE:
         return False
     raise ParamError(f"{where} must be true or false, got {value!r}")
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ParamError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return text
 
 
 def _number(value: Any, kind: type, where: str, minimum: float) -> Any:

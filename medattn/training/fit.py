@@ -21,6 +21,11 @@ What consumers plug in:
 
 Deterministic on CPU: the same data, params and thread count give identical weights (seeded
 init, per-epoch seeded batch order and dropout, deterministic algorithms, fixed thread count).
+
+``train.fast_path`` (``medattn.training.fast_path``; on by default on CUDA, off on the CPU) runs
+the same steps with the splits held on the device, bf16 autocast and channels_last: the same
+kind of result, not the same bits. :class:`TrainingRun` is the loop, advanced step by step, so
+that ``medattn.training.packing.fit_packed`` can train several runs at once with this same code.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -44,6 +49,7 @@ from medattn.errors import ModelError
 from medattn.models.base import AttentionModel, EpochSchedule, LossSettings
 from medattn.models.factory import ModelSpec, create_model, spec_for_training
 from medattn.training.checkpoints import TrainingState, fingerprint, load_state, save_state
+from medattn.training.fast_path import DeviceSplit, FastPath, prepare_model, resolve_fast_path
 from medattn.training.losses import total_loss
 
 #: CPU threads used by training when ``MEDATTN_TRAIN_THREADS`` is unset: fixed, so that a
@@ -176,59 +182,145 @@ def _initial_model(model_params: ModelParams, class_names: list[str], train: Lab
     return model, spec
 
 
-def fit(
-    model_params: ModelParams,
-    train_params: TrainParams,
-    train: LabelledImages,
-    val: LabelledImages,
-    *,
-    class_names: list[str],
-    on_epoch: Optional[EpochCallback] = None,
-    init_from: Optional[InitFrom] = None,
-    extra_loss: Optional[ExtraLoss] = None,
-    checkpoint_dir: Optional[Path] = None,
-    data_fingerprint: str = "",
-    progress: bool = True,
-) -> TrainResult:
-    """Train one model through the contract's hooks; resumes from ``checkpoint_dir`` when it holds this run's state."""
-    tp = train_params
-    device = resolve_device(tp.device)
-    make_deterministic()
-    seed_everything(tp.seed)
-    model, spec = _initial_model(model_params, class_names, train, init_from)
-    model = model.to(device)
-    model.before_training(train.images)
-    settings = LossSettings(lambda_l1=tp.lambda_l1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+class _HostSplit:
+    """The plain path's batches: gathered on the host, copied to the device per step."""
 
-    init_key = init_from if isinstance(init_from, (str, Path)) else ("state_dict" if init_from is not None else None)
-    run_id = fingerprint(model_params.__dict__, _fingerprinted(tp), class_names, data_fingerprint, str(init_key))
-    state = load_state(checkpoint_dir, run_id) if checkpoint_dir else None
-    if state is None:
-        state = TrainingState(fingerprint=run_id, epoch=0, model={}, optimizer={})
-    else:
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-    resumed_from = state.epoch
-    stopped = False
+    def __init__(self, split: LabelledImages, device: torch.device):
+        self.split, self.device = split, device
 
-    epochs = range(state.epoch + 1, tp.epochs + 1)
-    bar = tqdm(epochs, desc="train", unit="epoch", disable=not progress, initial=state.epoch, total=tp.epochs)
-    for epoch in bar:
-        model.on_epoch_start(EpochSchedule(epoch=epoch, epochs=tp.epochs, cutoff_epoch=tp.cutoff_epoch))
-        # Seeding per epoch makes a resumed run draw the same batches (and dropout) as an uninterrupted one.
-        torch.manual_seed(tp.seed * 100_003 + epoch)
-        shuffle = torch.Generator().manual_seed(tp.seed * 100_003 + epoch)
-        model.train()
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.images[indices].to(self.device), self.split.labels[indices].to(self.device)
+
+
+BatchSource = Union[_HostSplit, DeviceSplit]
+#: device splits shared by the runs of one packed call: (id of the split, device, channels_last) -> split
+SplitCache = dict[tuple[int, str, bool], DeviceSplit]
+
+
+def _batch_source(split: LabelledImages, device: torch.device, fast: FastPath,
+                  cache: Optional[SplitCache]) -> BatchSource:
+    if not fast.enabled:
+        return _HostSplit(split, device)
+    key = (id(split), str(device), fast.channels_last)
+    if cache is not None and key in cache:
+        return cache[key]
+    source = DeviceSplit(split.images, split.labels, device, fast.channels_last)
+    if cache is not None:
+        cache[key] = source
+    return source
+
+
+@torch.no_grad()
+def _evaluate_fast(model: AttentionModel, source: DeviceSplit, batch_size: int, device: torch.device,
+                   settings: LossSettings, fast: FastPath) -> dict[str, float]:
+    """:func:`evaluate_split` on a device-held split: one host read at the end, not one per batch."""
+    model.eval()
+    n = len(source)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    preds: list[torch.Tensor] = []
+    for idx in _batches(n, batch_size, None):
+        x, y = source.batch(idx)
+        with fast.autocast(device):
+            logits, attention = model(x)
+            terms = total_loss(logits, y, model.loss_terms(attention, settings))
+        loss_sum += terms["total"].detach().double() * len(idx)
+        preds.append(logits.argmax(dim=1))
+    if not n:
+        return {"loss": 0.0, "acc": 0.0, "macro_f1": 0.0}
+    y_pred = torch.cat(preds).cpu().numpy()
+    y_true = source.labels.cpu().numpy()
+    return {"loss": float(loss_sum) / n, "acc": float((y_pred == y_true).mean()),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+
+
+class TrainingRun:
+    """One run of the loop, advanced one optimiser step at a time.
+
+    :func:`fit` drives one run to its end; :func:`medattn.training.packing.fit_packed` drives
+    several in turn on one device. Either way the same code below trains them: there is one loop.
+    ``steps()`` yields after every optimiser step (``False``) and after every finished epoch
+    (``True``); an exception from ``on_epoch`` (e.g. ``optuna.TrialPruned``) comes out of it.
+    """
+
+    def __init__(
+        self,
+        model_params: ModelParams,
+        train_params: TrainParams,
+        train: LabelledImages,
+        val: LabelledImages,
+        *,
+        class_names: list[str],
+        on_epoch: Optional[EpochCallback] = None,
+        init_from: Optional[InitFrom] = None,
+        extra_loss: Optional[ExtraLoss] = None,
+        checkpoint_dir: Optional[Path] = None,
+        data_fingerprint: str = "",
+        progress: bool = True,
+        split_cache: Optional[SplitCache] = None,
+    ):
+        tp = self.train_params = train_params
+        self.device = device = resolve_device(tp.device)
+        self.fast = fast = resolve_fast_path(tp.fast_path, device)
+        seed_everything(tp.seed)
+        model, self.spec = _initial_model(model_params, class_names, train, init_from)
+        self.model = model = prepare_model(model.to(device), fast)
+        model.before_training(train.images)
+        self.settings = LossSettings(lambda_l1=tp.lambda_l1)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+        self.on_epoch, self.extra_loss, self.checkpoint_dir = on_epoch, extra_loss, checkpoint_dir
+        self.progress = progress
+        self.train_source = _batch_source(train, device, fast, split_cache)
+        self.val_source = _batch_source(val, device, fast, split_cache)
+
+        init_key = (init_from if isinstance(init_from, (str, Path))
+                    else ("state_dict" if init_from is not None else None))
+        run_id = fingerprint(model_params.__dict__, _fingerprinted(tp), class_names, data_fingerprint, str(init_key))
+        state = load_state(checkpoint_dir, run_id) if checkpoint_dir else None
+        if state is None:
+            state = TrainingState(fingerprint=run_id, epoch=0, model={}, optimizer={})
+        else:
+            model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+        self.state = state
+        self.resumed_from = state.epoch
+        self.stopped = False
+
+    def steps(self) -> Iterator[bool]:
+        tp, model, state = self.train_params, self.model, self.state
+        epochs = range(state.epoch + 1, tp.epochs + 1)
+        bar = tqdm(epochs, desc="train", unit="epoch", disable=not self.progress, initial=state.epoch, total=tp.epochs)
+        for epoch in bar:
+            model.on_epoch_start(EpochSchedule(epoch=epoch, epochs=tp.epochs, cutoff_epoch=tp.cutoff_epoch))
+            # Seeding per epoch makes a resumed run draw the same batches (and dropout) as an uninterrupted one.
+            torch.manual_seed(tp.seed * 100_003 + epoch)
+            shuffle = torch.Generator().manual_seed(tp.seed * 100_003 + epoch)
+            model.train()
+            if self.fast.enabled:
+                sums, seen, correct = yield from self._fast_epoch(epoch, shuffle)
+            else:
+                sums, seen, correct = yield from self._plain_epoch(epoch, shuffle)
+            row = self._end_epoch(epoch, sums, seen, correct)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_f1=f"{row['val_macro_f1']:.3f}")
+            yield True
+            if self.on_epoch and self.on_epoch(row) is True:
+                self.stopped = True
+                break
+        bar.close()
+
+    def _plain_epoch(self, epoch: int, shuffle: torch.Generator) -> Iterator[bool]:
+        model, optimizer = self.model, self.optimizer
         seen, correct = 0, 0
         sums: dict[str, float] = {}
-        for idx in _batches(len(train.labels), tp.batch_size, shuffle):
-            x, y = train.images[idx].to(device), train.labels[idx].to(device)
+        for idx in _batches(len(self.train_source), self.train_params.batch_size, shuffle):
+            x, y = self.train_source.batch(idx)
             optimizer.zero_grad(set_to_none=True)
             logits, attention = model(x)
-            terms = dict(model.loss_terms(attention, settings))
-            if extra_loss is not None:
-                terms.update(extra_loss(model, TrainStep(epoch, idx, x, y, logits, attention)))
+            terms = dict(model.loss_terms(attention, self.settings))
+            if self.extra_loss is not None:
+                terms.update(self.extra_loss(model, TrainStep(epoch, idx, x, y, logits, attention)))
             losses = total_loss(logits, y, terms)
             losses["total"].backward()
             optimizer.step()
@@ -237,7 +329,43 @@ def fit(
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * k
             correct += int((logits.argmax(1) == y).sum())
-        val_metrics = evaluate_split(model, val, tp.batch_size, device, settings)
+            yield False
+        return sums, seen, correct
+
+    def _fast_epoch(self, epoch: int, shuffle: torch.Generator) -> Iterator[bool]:
+        """The same step under autocast, with the running sums kept on the device (no per-step sync)."""
+        model, optimizer, device = self.model, self.optimizer, self.device
+        seen = 0
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        sums: dict[str, torch.Tensor] = {}
+        for idx in _batches(len(self.train_source), self.train_params.batch_size, shuffle):
+            x, y = self.train_source.batch(idx)
+            optimizer.zero_grad(set_to_none=True)
+            with self.fast.autocast(device):
+                logits, attention = model(x)
+                terms = dict(model.loss_terms(attention, self.settings))
+                if self.extra_loss is not None:
+                    terms.update(self.extra_loss(model, TrainStep(epoch, idx, x, y, logits, attention)))
+                losses = total_loss(logits, y, terms)
+            losses["total"].backward()
+            optimizer.step()
+            k = len(idx)
+            seen += k
+            for name, value in losses.items():
+                weighted = value.detach().double() * k
+                sums[name] = sums[name] + weighted if name in sums else weighted
+            correct += (logits.argmax(1) == y).sum()
+            yield False
+        return {name: float(value) for name, value in sums.items()}, seen, int(correct)
+
+    def _end_epoch(self, epoch: int, sums: dict[str, float], seen: int, correct: int) -> dict[str, float]:
+        """Validate, append the history row, keep the best weights, write the checkpoint."""
+        model, state, tp = self.model, self.state, self.train_params
+        if self.fast.enabled:
+            assert isinstance(self.val_source, DeviceSplit)
+            val_metrics = _evaluate_fast(model, self.val_source, tp.batch_size, self.device, self.settings, self.fast)
+        else:
+            val_metrics = evaluate_split(model, self.val_source.split, tp.batch_size, self.device, self.settings)
         row = {"epoch": float(epoch)}
         row.update({f"train_{'loss' if name == 'total' else name}": value / seen for name, value in sums.items()})
         row.update({
@@ -253,26 +381,53 @@ def fit(
         if row["val_macro_f1"] >= state.best_score:
             state.best_score, state.best_epoch = row["val_macro_f1"], epoch
             state.best_model = copy.deepcopy(state.model)  # on CPU, state.model aliases the live weights
-        state.optimizer = optimizer.state_dict()
-        if checkpoint_dir:
-            save_state(state, checkpoint_dir)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_f1=f"{row['val_macro_f1']:.3f}")
-        if on_epoch and on_epoch(row) is True:
-            stopped = True
-            break
+        state.optimizer = self.optimizer.state_dict()
+        if self.checkpoint_dir:
+            save_state(state, self.checkpoint_dir)
+        return row
 
-    if state.best_model is not None:
-        model.load_state_dict(state.best_model)
-    model.before_saving()
-    return TrainResult(model.eval(), spec, state.history, state.best_epoch, resumed_from, stopped)
+    def result(self) -> TrainResult:
+        """Restore the kept epoch's weights and finish the model (call once, after ``steps()``)."""
+        model, state = self.model, self.state
+        if state.best_model is not None:
+            model.load_state_dict(state.best_model)
+        model.before_saving()
+        if self.fast.channels_last:  # a saved or served model is used in the default layout
+            model.to(memory_format=torch.contiguous_format)
+        return TrainResult(model.eval(), self.spec, state.history, state.best_epoch, self.resumed_from, self.stopped)
+
+
+def fit(
+    model_params: ModelParams,
+    train_params: TrainParams,
+    train: LabelledImages,
+    val: LabelledImages,
+    *,
+    class_names: list[str],
+    on_epoch: Optional[EpochCallback] = None,
+    init_from: Optional[InitFrom] = None,
+    extra_loss: Optional[ExtraLoss] = None,
+    checkpoint_dir: Optional[Path] = None,
+    data_fingerprint: str = "",
+    progress: bool = True,
+) -> TrainResult:
+    """Train one model through the contract's hooks; resumes from ``checkpoint_dir`` when it holds this run's state."""
+    make_deterministic()
+    run = TrainingRun(model_params, train_params, train, val, class_names=class_names, on_epoch=on_epoch,
+                      init_from=init_from, extra_loss=extra_loss, checkpoint_dir=checkpoint_dir,
+                      data_fingerprint=data_fingerprint, progress=progress)
+    for _ in run.steps():
+        pass
+    return run.result()
 
 
 def _fingerprinted(tp: TrainParams) -> dict:
-    """The train params that change the result (the device does not: CPU and CUDA resume alike)."""
-    return {k: v for k, v in tp.__dict__.items() if k not in ("device",)}
+    """The train params that change the result. The device and the fast path do not enter: a run
+    resumes alike on CPU and CUDA (where ``fast_path: auto`` means something else)."""
+    return {k: v for k, v in tp.__dict__.items() if k not in ("device", "fast_path")}
 
 
 __all__ = [
-    "EpochCallback", "ExtraLoss", "LabelledImages", "TrainResult", "TrainStep", "build_spec",
+    "EpochCallback", "ExtraLoss", "LabelledImages", "TrainResult", "TrainStep", "TrainingRun", "build_spec",
     "evaluate_split", "fit", "make_deterministic", "seed_everything",
 ]

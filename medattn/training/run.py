@@ -15,12 +15,12 @@ from medattn.config import Params
 from medattn.data.dataset import load_split
 from medattn.data.manifest import read_manifest
 from medattn.data.preprocess import normalize_tensor
+from medattn.devices import resolve_device
 from medattn.evaluation.figures import global_attention_map_figure, training_curves_figure
 from medattn.evaluation.reports import write_history_csv, write_metrics_json
 from medattn.models.bundle import save_bundle
-from medattn.devices import resolve_device
-from medattn.training.fit import LabelledImages, TrainResult, fit
 from medattn.training.checkpoints import fingerprint
+from medattn.training.fit import LabelledImages, TrainResult, fit
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 OBJECTIVES = ("val_macro_f1", "attention_mass_ratio")
 SECTIONS = ("model", "train")
 # Never searched: where to compute, and what fixes the run (a search over seeds finds luck).
-_NOT_SEARCHABLE = {"train.device", "train.seed", "train.epochs", "model.pretrained_weights"}
+_NOT_SEARCHABLE = {"train.device", "train.fast_path", "train.seed", "train.epochs", "model.pretrained_weights"}
 
 Value = Union[int, float, str, bool]
 

@@ -23,7 +23,14 @@ router = APIRouter(tags=["feedback"])
 @router.post("/feedback", status_code=201, summary="Store an expert's feedback (durably)",
              openapi_extra=docs.FEEDBACK_BODY,
              responses=docs.responses(201, docs.FEEDBACK_RECEIPT, 200, docs.FEEDBACK_RECEIPT,
-                                      401, 403, 404, 409, 413, 415, 422, 503))
+                                      401, 403, 404, 409, 413, 415, 422, 503),
+             description="ROIs are in the frame of the prediction's `image` (its `width` x `height`): "
+                         "the upload as displayed (EXIF orientation applied) and reduced by an integer "
+                         "factor when it had more than MEDATTN_MAX_FRAME_PIXELS pixels; origin top-left, "
+                         "x right, y down. Brush masks must have exactly that size; their sizes are "
+                         "checked from the RLE header or PNG IHDR before decoding, and all brush masks "
+                         "of one submission may declare at most MEDATTN_MAX_FEEDBACK_MASK_PIXELS pixels "
+                         "(413 past it).")
 async def post_feedback(request: Request, authorization: Optional[str] = AuthHeader,
                         idempotency_key: Optional[str] = Header(None, max_length=200,
                                                                 description="retries with the same key are safe"),
@@ -39,13 +46,14 @@ async def post_feedback(request: Request, authorization: Optional[str] = AuthHea
     media = media_type(request)
     image = None
     if media == "application/json":
-        submission = parse_submission(body)
+        submission = parse_submission(body, svc.settings.max_feedback_mask_pixels)
     elif media == "multipart/form-data":
         form = await read_form(request, body, svc.settings.max_upload_bytes, max_files=1)
         raw = form.get("feedback")
         if raw is None:
             raise InvalidFeedback("multipart body has no 'feedback' field (the submission as JSON)")
-        submission = parse_submission(await raw.read() if isinstance(raw, UploadFile) else raw)
+        submission = parse_submission(await raw.read() if isinstance(raw, UploadFile) else raw,
+                                      svc.settings.max_feedback_mask_pixels)
         image = await file_field(form, "image", required=False)
     else:
         raise ImageRejected(415, f"content type {media or 'none'!r}: send application/json, or "

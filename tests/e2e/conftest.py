@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from service_harness import MODEL_NAME, Served, make_tiny_bundle, register_version, start_served
 
 

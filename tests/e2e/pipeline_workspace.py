@@ -37,7 +37,7 @@ TINY_PARAMS: dict[str, Any] = {
         "source": "synthetic",
         "root": None,
         "image_size": 32,
-        "synthetic": {"n_images": 48, "seed": 2024},
+        "synthetic": {"preset": "easy", "n_images": 48, "seed": 2024},
     },
     "validate": {"min_class_ratio": 0.3, "expected_channels": 3},
     "model": {"backbone": "small_cnn", "attention": "global_pixel", "K": 4},

@@ -16,8 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from service_harness import MODEL_NAME, ServerProcess, Served, start_served
+from service_harness import MODEL_NAME, Served, ServerProcess, start_served
 
 pytestmark = pytest.mark.e2e
 

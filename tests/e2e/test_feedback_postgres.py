@@ -23,24 +23,30 @@ for _folder in (_TESTS, _TESTS / "unit"):
         sys.path.insert(0, str(_folder))
 
 from postgres_server import postgres_server, postgres_url  # noqa: E402,F401  (fixtures)
-from test_feedback_store import (SHA_A, H, W, submission,  # noqa: E402,F401  (re-run here)
-                                 test_concurrent_writers_store_every_record_exactly_once,
-                                 test_feedback_is_checked_against_the_prediction,
-                                 test_feedback_on_an_uploaded_image_needs_the_image,
-                                 test_idempotency_key_replays_or_conflicts, test_list_filters_and_paging,
-                                 test_pending_consumed_and_released,
-                                 test_record_prediction_is_idempotent_but_not_overwritable,
-                                 test_round_trip_of_prediction_and_feedback,
-                                 test_store_refuses_a_database_of_another_schema_version,
-                                 test_unknown_ids_are_not_found)
+from test_feedback_store import (  # noqa: E402,F401  (re-run here)
+    SHA_A,
+    H,
+    W,
+    submission,
+    test_concurrent_writers_store_every_record_exactly_once,
+    test_feedback_is_checked_against_the_prediction,
+    test_feedback_on_an_uploaded_image_needs_the_image,
+    test_idempotency_key_replays_or_conflicts,
+    test_list_filters_and_paging,
+    test_pending_consumed_and_released,
+    test_record_prediction_is_idempotent_but_not_overwritable,
+    test_round_trip_of_prediction_and_feedback,
+    test_store_refuses_a_database_of_another_schema_version,
+    test_unknown_ids_are_not_found,
+)
 
-from medattn.feedback.store import FeedbackStore
+from medattn.feedback.store import FeedbackStore  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def store_url(postgres_url: str) -> str:
+def store_url(postgres_url: str) -> str:  # noqa: F811
     return postgres_url
 
 

@@ -23,10 +23,10 @@ from typing import Iterator
 
 import pytest
 import yaml
+from pipeline_workspace import MODEL_NAME, REPO_ROOT, VENV_BIN, PipelineWorkspace, make_workspace, registry_snapshot
 
 from medattn.errors import ParamError
 from medattn.stage import pipeline_paths
-from pipeline_workspace import MODEL_NAME, REPO_ROOT, VENV_BIN, PipelineWorkspace, make_workspace, registry_snapshot
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,6 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from PIL import Image
-
 from pipeline_workspace import (
     STAGES,
     PipelineWorkspace,
@@ -27,6 +26,7 @@ from pipeline_workspace import (
     registry_snapshot,
     tiny_params,
 )
+
 from tests.fixtures.real_layouts import corrupt_image, make_idrid, make_imagefolder
 
 pytestmark = pytest.mark.e2e

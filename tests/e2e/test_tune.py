@@ -165,7 +165,7 @@ def test_a_killed_study_resumes_and_retries_the_killed_trial(workspace: Pipeline
     journal = workspace.root / "checkpoints/kill/study.journal"
     params = workspace.params()
     params["tune"].update({"n_trials": 3, "study_name": "killed", "heartbeat_seconds": 1, "grace_seconds": 3})
-    params["tune"]["space"]["train"]["lr"] = {"choices": [0.005]}  # no pruning: the retried trial runs to the end
+    params["tune"]["pruner"]["n_startup_trials"] = 100  # no pruning: the retried trial runs to the end
     (workspace.root / "kill-params.yaml").write_text(yaml.safe_dump(params))
     args = ["--params", "kill-params.yaml", "--checkpoints", "checkpoints/kill", "--out", "reports/kill"]
     command = [str(VENV_BIN / "python"), "-m", "medattn.cli", "tune", *args]

@@ -10,8 +10,15 @@ import pytest
 import yaml
 
 from medattn.errors import MedattnError
-from medattn.serving.auth import (ANONYMOUS, AuthConfigError, Authenticator, AuthError, Principal,
-                                  hash_token, hash_token_command)
+from medattn.serving.auth import (
+    ANONYMOUS,
+    AuthConfigError,
+    Authenticator,
+    AuthError,
+    Principal,
+    hash_token,
+    hash_token_command,
+)
 
 TOKENS = {"predict": "tok-predict-0123456789", "expert": "tok-expert-0123456789", "admin": "tok-admin-0123456789"}
 CONFIG = {"tokens": [{"name": f"{role}-user", "role": role, "sha256": hash_token(token)}

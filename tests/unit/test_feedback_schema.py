@@ -13,8 +13,17 @@ from PIL import Image
 
 from medattn.errors import MedattnError
 from medattn.feedback import rasterize
-from medattn.feedback.schema import (IRRELEVANT, MAX_POLYGON_POINTS, MAX_ROIS, RELEVANT, UNTOUCHED,
-                                     FeedbackSubmission, InvalidFeedback, feedback_map, parse_submission)
+from medattn.feedback.schema import (
+    IRRELEVANT,
+    MAX_POLYGON_POINTS,
+    MAX_ROIS,
+    RELEVANT,
+    UNTOUCHED,
+    FeedbackSubmission,
+    InvalidFeedback,
+    feedback_map,
+    parse_submission,
+)
 
 W, H = 20, 10
 
@@ -93,7 +102,7 @@ def test_valid_submission_of_every_shape_parses_from_json() -> None:
      "does not decode to an image"),
     ({"shape": "brush", "kind": "relevant", "rle": {"width": 4, "height": 2, "counts": [3, 2]}},
      "run lengths sum to 5, expected width*height = 8"),
-    ({**rect(), "x": "NaN"}, "rois[0] (rectangle).x: Input should be a finite number"),
+    ({**rect(), "x": "NaN"}, "rois[0] (rectangle).x: Input should be a valid number"),  # a string, even "NaN"
     (poly([[1, 1], [float("inf"), 1], [4, 6]]), "rois[0] (polygon).points[1][0]: Input should be a finite number"),
 ])
 def test_malformed_roi_is_rejected_with_its_index_and_problem(roi: dict[str, Any], expected: str) -> None:

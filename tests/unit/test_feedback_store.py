@@ -21,9 +21,16 @@ from sqlalchemy import text
 from medattn.errors import DataError, ParamError
 from medattn.feedback.blobs import BlobStore
 from medattn.feedback.export import export_command, export_snapshot, image_extension
-from medattn.feedback.schema import (FeedbackConflict, FeedbackNotFound, FeedbackSubmission, InvalidFeedback,
-                                     StoreUnavailable, UnknownRequest, parse_submission)
-from medattn.feedback.store import FeedbackStore
+from medattn.feedback.schema import (
+    FeedbackConflict,
+    FeedbackNotFound,
+    FeedbackSubmission,
+    InvalidFeedback,
+    StoreUnavailable,
+    UnknownRequest,
+    parse_submission,
+)
+from medattn.feedback.store import FeedbackStore, scoped_idempotency_key
 
 W, H = 16, 12
 SHA_A, SHA_B = "a" * 64, "b" * 64
@@ -51,7 +58,8 @@ def store(store_url: str) -> Iterator[FeedbackStore]:
 # -- backend-agnostic store behaviour (also run on PostgreSQL by tests/e2e) ---------------------------
 
 def test_round_trip_of_prediction_and_feedback(store: FeedbackStore, store_url: str) -> None:
-    prediction = store.record_prediction("req-1", SHA_A, W, H, "medattn-fundus", "3", "2", {"0": 0.1, "2": 0.9})
+    prediction = store.record_prediction("req-1", SHA_A, W, H, "medattn-fundus", "3", "2",
+                                         {"0": 0.1, "1": 0.0, "2": 0.9})
     record, created = store.add_feedback(submission("req-1", corrected_label="1", comment="decoy, not lesion"))
     assert created
     assert (record.image_sha256, record.width, record.height) == (SHA_A, W, H)  # taken from the prediction
@@ -125,11 +133,47 @@ def test_concurrent_writers_store_every_record_exactly_once(store: FeedbackStore
         results = [r for chunk in pool.map(worker, range(8)) for r in chunk]
     stored = list(store.iter_feedback(batch_size=37))
     assert len(stored) == 200
-    assert sorted(r.idempotency_key for r in stored) == sorted(f"key-{n}" for n in range(200))
+    # Stored scoped to the caller (none here): a digest of (caller, key), see scoped_idempotency_key.
+    assert sorted(r.idempotency_key for r in stored) == sorted(scoped_idempotency_key(None, f"key-{n}")
+                                                               for n in range(200))
     ids_by_key = {r.idempotency_key: r.id for r in stored}
+    ids_by_key = {key: ids_by_key[scoped_idempotency_key(None, key)] for key in (f"key-{n}" for n in range(200))}
     assert len(results) == 400
     assert all(ids_by_key[key] == record_id for key, record_id, _ in results)  # both sends got the one id
     assert sum(created for _, _, created in results) == 200
+
+
+def test_idempotency_keys_are_scoped_to_the_caller(store: FeedbackStore) -> None:
+    mine, created = store.add_feedback(submission(), SHA_A, W, H, idempotency_key="k", caller="alice")
+    theirs, created_theirs = store.add_feedback(submission(), SHA_A, W, H, idempotency_key="k", caller="bob")
+    assert created and created_theirs and theirs.id != mine.id  # bob's key never replays alice's record
+    with pytest.raises(FeedbackConflict) as caught:
+        store.add_feedback(submission(x=3), SHA_A, W, H, idempotency_key="k", caller="bob")
+    assert str(theirs.id) in str(caught.value) and str(mine.id) not in str(caught.value)
+    again, created_again = store.add_feedback(submission(), SHA_A, W, H, idempotency_key="k", caller="alice")
+    assert (again.id, created_again) == (mine.id, False)
+    # Lengths are part of the digest: ("ab", "c") and ("a", "bc") are different scopes.
+    assert scoped_idempotency_key("ab", "c") != scoped_idempotency_key("a", "bc")
+
+
+def test_corrected_label_must_be_a_class_of_the_model(store: FeedbackStore) -> None:
+    store.record_prediction("req-c", SHA_A, W, H, "medattn-fundus", "3", "mild", {"healthy": 0.2, "mild": 0.8})
+    assert store.add_feedback(submission("req-c", corrected_label="healthy"))[1]
+    with pytest.raises(InvalidFeedback, match="not a class .*classes: healthy, mild"):
+        store.add_feedback(submission("req-c", corrected_label="severe"))
+    # Without a request_id: the classes given, else those of a stored prediction of that version.
+    with pytest.raises(InvalidFeedback, match="not a class"):
+        store.add_feedback(submission(corrected_label="2"), SHA_B, W, H, class_names=["0", "1"])
+    assert store.add_feedback(submission(corrected_label="mild"), SHA_B, W, H)[1]
+    with pytest.raises(InvalidFeedback, match="not known here"):
+        store.add_feedback(submission(version="9", corrected_label="mild"), SHA_B, W, H)
+
+
+def test_model_versions_are_canonical() -> None:
+    assert submission(version="0002").model_version == "2"
+    for bad in ("\uff11", "\u00b2", "0", "-1", "1.0", " ", "1e3"):
+        with pytest.raises(InvalidFeedback, match="model_version"):
+            submission(version=bad)
 
 
 def test_list_filters_and_paging(store: FeedbackStore) -> None:

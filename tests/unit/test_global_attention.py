@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from medattn.config import ModelParams, TrainParams
+from medattn.models.base import LossSettings
 from medattn.models.factory import ModelSpec, create_model
 from medattn.models.global_attention import GlobalPixelAttention, PixelCNN, pixel_representation_from_images
-from medattn.models.base import LossSettings
 from medattn.training.fit import LabelledImages, fit
 from medattn.training.losses import total_loss
 

@@ -18,8 +18,15 @@ from medattn.models.bundle import save_bundle
 from medattn.models.factory import ModelSpec, create_model
 from medattn.registry import ModelVersionInfo
 from medattn.serving import inference
-from medattn.serving.inference import (ChampionSlot, ModelRef, Predictor, RawPrediction, attention_png,
-                                       build_payload, upsample_attention)
+from medattn.serving.inference import (
+    ChampionSlot,
+    ModelRef,
+    Predictor,
+    RawPrediction,
+    attention_png,
+    build_payload,
+    upsample_attention,
+)
 
 CLASSES = ("a", "b", "c")
 
@@ -197,7 +204,7 @@ def test_a_failed_refresh_keeps_serving_the_previous_model(registry, tmp_path):
     registry.champion = "1"
     slot.refresh()
     registry.champion = "9"  # registered in the fake's eyes, but its bundle is missing
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (any failure to load must leave the old model serving)
         slot.refresh()
     assert slot.current.ref.version == "1" and slot.last_error
 

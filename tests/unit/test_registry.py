@@ -192,7 +192,7 @@ def test_run_ref_round_trip_and_resume_across_stages(tracking_uri: str, tmp_path
         log_metrics(run_id, {"test_macro_f1": 0.9}, tracking_uri)
     assert get_run(run_id, tracking_uri).info.status == "FINISHED"
     with pytest.raises(ZeroDivisionError), resumed_run(ref):
-        1 / 0
+        1 / 0  # noqa: B018
     assert get_run(run_id, tracking_uri).info.status == "FAILED"
 
 

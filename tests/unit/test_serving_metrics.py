@@ -143,6 +143,7 @@ def test_errors_and_reloads_are_counted_by_their_labels(reg_metrics):
     metrics.record_model_reload(success=True)
     assert get("medattn_model_reloads_total", {"outcome": "failure"}) == 1
     assert get("medattn_model_reloads_total", {"outcome": "success"}) == 2
+    m.endpoint_labels.add(["/predict"])  # the service registers its route templates at start
     metrics.record_error(endpoint="/predict", http_status=422, error_type="DataError")
     assert get("medattn_errors_total", {"endpoint": "/predict", "http_status": "422", "error_type": "DataError"}) == 1
 
@@ -209,3 +210,24 @@ def test_our_metrics_and_bentomls_request_metrics_share_the_metrics_endpoint(tmp
     assert value(m.BENTOML_REQUEST_TOTAL, endpoint="/predict", http_response_code="200") == 1
     assert value(m.BENTOML_REQUEST_DURATION + "_bucket", endpoint="/predict", le="+Inf") == 1
     assert value(m.BENTOML_REQUEST_IN_PROGRESS, endpoint="/predict") == 0
+
+
+def test_endpoint_labels_are_route_templates_and_unknown_paths_one_value():
+    labels = m.EndpointLabels(["/feedback", "/feedback/{feedback_id}", "/static_content/{path:path}"])
+    assert labels("/feedback") == "/feedback"
+    assert labels("/feedback/0b5e") == "/feedback/{feedback_id}"
+    assert labels("/static_content/a/b.css") == "/static_content/{path:path}"
+    for probe in ("/feedback/a/b", "/wp-admin.php", "/x\x00y", "", "/feedback/"):
+        assert labels(probe) == m.UNMATCHED_ENDPOINT
+
+
+def test_error_labels_never_carry_client_strings():
+    registry = CollectorRegistry()
+    metrics = ServingMetrics(registry=registry)
+    for i in range(50):
+        metrics.record_error(endpoint=f"/random-{i}\x00", http_status=404, error_type=f"no such {i}")
+    samples = [s for family in text_string_to_metric_families(
+        __import__("prometheus_client").generate_latest(registry).decode()) for s in family.samples
+        if s.name == "medattn_errors_total"]
+    assert len(samples) == 1 and samples[0].labels == {"endpoint": "unmatched", "http_status": "404",
+                                                       "error_type": "Other"}

@@ -75,3 +75,31 @@ def test_a_cuda_device_without_cuda_is_accepted_and_served_on_the_cpu(repo, monk
     settings = ServingSettings.from_env({"MEDATTN_DEVICE": "cuda:1"}, repo_root=repo)
     assert settings.device == "cuda:1"
     assert resolve_device(settings.device) == torch.device("cpu")
+
+
+def test_memory_limits_and_upload_policy_have_defaults_and_reach_the_image_limits(repo):
+    defaults = ServingSettings.from_env({}, repo_root=repo)
+    assert (defaults.max_decoded_bytes, defaults.max_batch_decoded_bytes) == (2**30, 2**31)
+    assert defaults.max_frame_pixels == 4096 * 4096 and defaults.max_aspect_ratio == 4.0
+    assert defaults.stored_upload == "reencoded" and defaults.strip_metadata is True
+    assert defaults.upload_retention_hours == 720.0 and defaults.max_feedback_mask_pixels == 8192 * 8192
+    settings = ServingSettings.from_env({
+        "MEDATTN_MAX_DECODED_BYTES": "1_000", "MEDATTN_MAX_FRAME_PIXELS": "500", "MEDATTN_MAX_ASPECT_RATIO": "2.5",
+        "MEDATTN_STORED_UPLOAD": "Original", "MEDATTN_STRIP_METADATA": "no", "MEDATTN_UPLOAD_RETENTION_HOURS": "0",
+    }, repo_root=repo)
+    limits = settings.image_limits
+    assert (limits.max_decoded_bytes, limits.max_frame_pixels, limits.max_aspect_ratio) == (1000, 500, 2.5)
+    assert settings.stored_upload == "original" and settings.strip_metadata is False
+    assert settings.upload_retention_hours == 0.0
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("MEDATTN_STORED_UPLOAD", "everything", "reencoded, original"),
+    ("MEDATTN_MAX_ASPECT_RATIO", "0.5", ">= 1"),
+    ("MEDATTN_UPLOAD_RETENTION_HOURS", "-1", ">= 0"),
+    ("MEDATTN_MAX_BATCH_DECODED_BYTES", "lots", "an integer"),
+])
+def test_a_bad_limit_or_policy_is_named_in_the_error(repo, variable, value, words):
+    with pytest.raises(ParamError, match=variable) as info:
+        ServingSettings.from_env({variable: value}, repo_root=repo)
+    assert words in str(info.value)
