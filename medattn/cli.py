@@ -21,8 +21,8 @@ from medattn.stage import run_stage
 app = typer.Typer(
     help="medattn: attention-guided medical image classification with expert feedback. "
     "Run the pipeline with `dvc repro`; use these commands to browse runs (mlflow-ui), manage registered "
-    "models (model), serve predictions with attention maps (serve), export expert feedback (feedback) "
-    "and create API tokens (auth).",
+    "models (model), serve predictions with attention maps (serve), export expert feedback (feedback), "
+    "create API tokens (auth) and search hyper-parameters (tune).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -182,6 +182,41 @@ def scheduler_command(
     with store:
         run_scheduler(parsed, store, state_dir, job, poll_seconds=poll_seconds, max_checks=max_checks,
                       log=typer.echo)
+
+@app.command("tune")
+def tune(
+    params: ParamsOption = Path("params.yaml"),
+    data: Annotated[Path, typer.Option(help="prepared dataset (`dvc repro validate` makes it)")]
+    = Path("data/prepared"),
+    out: Annotated[Path, typer.Option(help="report folder: best_params.yaml, best.json, trials.csv, figures/")]
+    = Path("reports/tune"),
+    checkpoints: Annotated[Path, typer.Option(help="folder of the default journal storage")] = Path("checkpoints/tune"),
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, max=256, help="local worker processes (default: tune.workers); on a GPU host each gets its own GPU "
+        "(CUDA_VISIBLE_DEVICES, round-robin)")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+        help="journal file path or RDB URL, e.g. postgresql+psycopg://user@host/db (default: $MEDATTN_TUNE_STORAGE, "
+        "tune.storage, the journal file under --checkpoints)")] = None,
+    study_name: Annotated[Optional[str], typer.Option(
+        help="study to create or join (default: tune.study_name, else derived from data and params)")] = None,
+    report: Annotated[bool, typer.Option(
+        help="write the report and finish the MLflow parent run when the study is done; --no-report for "
+        "extra workers on other hosts")] = True,
+) -> None:
+    """Search hyper-parameters with Optuna (params.yaml `tune`): seeded TPE, median pruning per epoch, validation
+    macro-F1 (optionally attention on the lesion masks too: a Pareto front). Re-running resumes the study; workers
+    on other hosts join it with the same --storage and --study-name. Prints the `dvc exp run -S ...` line that trains
+    with the best params."""
+    from medattn.tuning.search import SearchRequest, run_search
+    from medattn.tuning.space import dvc_exp_run_command
+
+    loaded = load_params(params)
+    outcome = run_search(SearchRequest(loaded, params, data, out, checkpoints, workers=workers, storage=storage,
+                                       study_name=study_name, report=report))
+    typer.echo(f"study {outcome.ref.name} (MLflow parent run {outcome.parent_run_id})")
+    if outcome.summary is not None:
+        typer.echo(f"best trial {outcome.summary['best_trial']}: {out / 'best_params.yaml'}")
+        typer.echo(f"train with it: {dvc_exp_run_command(outcome.summary['params'])}")
 
 
 def _register_library_commands() -> None:

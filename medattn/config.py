@@ -89,6 +89,45 @@ class MlflowParams:
     model_name: str = "medattn-fundus"
 
 
+def _default_search_space() -> dict[str, Any]:
+    # seed 001's search (K, lambda, weight decay) plus the cut-off epoch E; see params.yaml
+    return {
+        "model": {"K": {"choices": [32, 64, 128, 256]}},
+        "train": {
+            "lambda_l1": {"low": 1e-4, "high": 1e-1, "log": True},
+            "cutoff_epoch": {"low": 1, "high": 8},
+            "weight_decay": {"choices": [1e-3, 1e-4, 1e-5]},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class PrunerParams:
+    # Optuna's MedianPruner: no pruning before this many trials finished / epochs reported
+    n_startup_trials: int = 2
+    n_warmup_steps: int = 1
+
+
+@dataclass(frozen=True)
+class TuneParams:
+    """The hyper-parameter search (``medattn.tuning``): what to search and where the study lives."""
+
+    n_trials: int = 20
+    seed: int = 0
+    workers: int = 1
+    # null: medattn-<hash of data and fixed params>, so changed params start a fresh study
+    study_name: Optional[str] = None
+    # null: a journal file under checkpoints/tune; an RDB URL (postgresql+psycopg://...) for many hosts
+    storage: Optional[str] = None
+    # val_macro_f1, optionally attention_mass_ratio (a second objective: a Pareto front)
+    objectives: list[str] = field(default_factory=lambda: ["val_macro_f1"])
+    pruner: PrunerParams = field(default_factory=PrunerParams)
+    heartbeat_seconds: int = 30
+    grace_seconds: int = 120
+    max_retry: int = 2
+    space: dict[str, Any] = field(default_factory=_default_search_space)
+
+
 @dataclass(frozen=True)
 class RecalibrateParams:
     """Expert-feedback recalibration (seed 002): the feedback loss, the gate, the schedule."""
@@ -122,6 +161,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     recalibrate: RecalibrateParams = field(default_factory=RecalibrateParams)
+    tune: TuneParams = field(default_factory=TuneParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,7 +242,8 @@ def validate_params(p: Params) -> Params:
     d, s = p.data, p.data.synthetic
     _check(d.source in DATA_SOURCES, f"data.source must be one of {', '.join(DATA_SOURCES)}, got {d.source!r}")
     _check(d.source == "synthetic" or bool(d.root), f"data.root is required when data.source is {d.source!r}")
-    _check(d.idrid_task in IDRID_TASKS, f"data.idrid_task must be one of {', '.join(IDRID_TASKS)}, got {d.idrid_task!r}")
+    _check(d.idrid_task in IDRID_TASKS,
+           f"data.idrid_task must be one of {', '.join(IDRID_TASKS)}, got {d.idrid_task!r}")
     _check(16 <= d.image_size <= 1024, f"data.image_size must be in [16, 1024], got {d.image_size}")
     _check(0 < d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
            "data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1")
@@ -223,12 +264,14 @@ def validate_params(p: Params) -> Params:
     _check(1 <= m.K <= 4096, f"model.K must be in [1, 4096], got {m.K}")
     _check(m.pixel_rank >= 0, f"model.pixel_rank must be >= 0 (0 = uncompressed), got {m.pixel_rank}")
     if m.pretrained_weights is not None:
-        _check(m.backbone != "small_cnn", "model.pretrained_weights must be null for small_cnn (it has no ImageNet weights)")
+        _check(m.backbone != "small_cnn",
+               "model.pretrained_weights must be null for small_cnn (it has no ImageNet weights)")
         _check(Path(m.pretrained_weights).is_file(),
                f"model.pretrained_weights: no such file {m.pretrained_weights!r}")
     t = p.train
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _check(0 <= t.cutoff_epoch <= t.epochs, f"train.cutoff_epoch must be in [0, train.epochs={t.epochs}], got {t.cutoff_epoch}")
+    _check(0 <= t.cutoff_epoch <= t.epochs,
+           f"train.cutoff_epoch must be in [0, train.epochs={t.epochs}], got {t.cutoff_epoch}")
     _check(t.lambda_l1 >= 0, f"train.lambda_l1 must be >= 0, got {t.lambda_l1}")
     _check(0 < t.lr < 1, f"train.lr must be in (0, 1), got {t.lr}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
@@ -241,6 +284,7 @@ def validate_params(p: Params) -> Params:
     _check(0 < p.evaluate.topk_percent <= 100, "evaluate.topk_percent must be in (0, 100]")
     _check(bool(p.mlflow.model_name.strip()), "mlflow.model_name must not be empty")
     _check_recalibrate(p.recalibrate)
+    _validate_tune(p)
     return p
 
 
@@ -255,6 +299,27 @@ def _check_recalibrate(r: RecalibrateParams) -> None:
     _check(0 < r.lr < 1, f"recalibrate.lr must be in (0, 1), got {r.lr}")
     _check(0 <= r.holdout_fraction < 1, f"recalibrate.holdout_fraction must be in [0, 1), got {r.holdout_fraction}")
     _check(r.feedback_batch_size >= 1, f"recalibrate.feedback_batch_size must be >= 1, got {r.feedback_batch_size}")
+
+
+
+def _validate_tune(p: Params) -> None:
+    # late: the search space's checks live beside the code that samples it
+    from medattn.tuning.space import OBJECTIVES, parse_search_space
+
+    t = p.tune
+    _check(t.n_trials >= 1, f"tune.n_trials must be >= 1, got {t.n_trials}")
+    _check(1 <= t.workers <= 256, f"tune.workers must be in [1, 256], got {t.workers}")
+    _check(isinstance(t.objectives, list) and 1 <= len(t.objectives) <= 2
+           and len(set(t.objectives)) == len(t.objectives) and all(o in OBJECTIVES for o in t.objectives),
+           f"tune.objectives must be one or two of {', '.join(OBJECTIVES)}, got {t.objectives!r}")
+    _check(t.pruner.n_startup_trials >= 0 and t.pruner.n_warmup_steps >= 0,
+           "tune.pruner.n_startup_trials and n_warmup_steps must be >= 0")
+    _check(t.heartbeat_seconds >= 1, f"tune.heartbeat_seconds must be >= 1, got {t.heartbeat_seconds}")
+    _check(t.grace_seconds > t.heartbeat_seconds,
+           f"tune.grace_seconds must exceed tune.heartbeat_seconds ({t.heartbeat_seconds}), got {t.grace_seconds}")
+    _check(t.max_retry >= 0, f"tune.max_retry must be >= 0, got {t.max_retry}")
+    _check(t.study_name is None or bool(t.study_name.strip()), "tune.study_name must not be empty (null = derived)")
+    parse_search_space(t.space, p.train, check_epochs=False)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

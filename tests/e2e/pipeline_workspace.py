@@ -236,15 +236,21 @@ def registry_snapshot(workspace: PipelineWorkspace) -> RegistrySnapshot:
                             {str(v.version): v.run_id for v in found})
 
 
-def make_workspace(path: Path, params: Mapping[str, Any] | None = None) -> PipelineWorkspace:
-    """Copy the pipeline into ``path`` (created), write ``params`` (default ``tiny_params()``), git-commit it."""
+def make_workspace(path: Path, params: Mapping[str, Any] | None = None,
+                   with_search: bool = False) -> PipelineWorkspace:
+    """Copy the pipeline into ``path`` (created), write ``params`` (default ``tiny_params()``), git-commit it.
+
+    The opt-in search pipeline (``pipelines/search/dvc.yaml``) is copied only ``with_search``:
+    `dvc status` lists every dvc.yaml, and the default pipeline's tests expect its stages alone.
+    """
     path.mkdir(parents=True, exist_ok=True)
     for name in _COPIED_FILES:
         target = path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, target)
+    skipped = ("__pycache__", "*.pyc") if with_search else ("__pycache__", "*.pyc", "search")
     for name in _COPIED_DIRS:
-        shutil.copytree(REPO_ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(REPO_ROOT / name, path / name, ignore=shutil.ignore_patterns(*skipped))
     workspace = PipelineWorkspace(path)
     workspace.write_params(params if params is not None else tiny_params())
     workspace.git("init", "--quiet", "--initial-branch=main")
