@@ -106,7 +106,7 @@ class ServingBackend:
         decoded = [await to_thread.run_sync(self._decode, upload, i, len(uploads)) for i, upload in enumerate(uploads)]
         outputs = await self._infer([np.asarray(image.image) for image in decoded])
         payloads = []
-        for upload, image, output in zip(uploads, decoded, outputs):
+        for upload, image, output in zip(uploads, decoded, outputs, strict=True):
             raw = RawPrediction.from_wire(output)
             request_id = uuid.uuid4().hex
             payloads.append(await to_thread.run_sync(self._answer, request_id, upload, image, raw, raw_attention))
@@ -142,7 +142,7 @@ class ServingBackend:
         self.store.record_prediction(
             request_id=request_id, image_sha256=sha256, width=image.width, height=image.height,
             model_name=raw.model.name, model_version=raw.model.version, label=raw.label,
-            probabilities={n: float(p) for n, p in zip(raw.class_names, raw.probabilities)})
+            probabilities={n: float(p) for n, p in zip(raw.class_names, raw.probabilities, strict=True)})
 
     # -- feedback ------------------------------------------------------------------------------
 

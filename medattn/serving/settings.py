@@ -23,7 +23,17 @@ MEDATTN_MAX_IMAGE_PIXELS    max_image_pixels        50 000 000 per image
 MEDATTN_MAX_BATCH_IMAGES    max_batch_images        16 images per /predict_batch
 MEDATTN_DEVICE              device                  cpu (or cuda, cuda:N, auto: ``medattn.devices``)
 MEDATTN_TORCH_THREADS       torch_threads           0 = half the CPU cores (see below)
+MEDATTN_INFERENCE           inference               auto (or in_process, runner; see below)
+MEDATTN_IN_PROCESS_MAX_MS   in_process_max_ms       10 (auto: in process when one image is faster)
 ==========================  ======================  ============================================
+
+``inference`` says where the model runs (:mod:`medattn.serving.placement`): ``runner`` = in the
+model-runner service, with adaptive batching, behind one more HTTP hop per request;
+``in_process`` = in each API worker (no runner process at all), which pays for a light model whose
+forward pass costs less than that hop; ``auto`` = both services run, and each time a champion is
+loaded the API worker times its forward pass: on the CPU, a model whose one-image pass takes at
+most ``in_process_max_ms`` is served in process, a slower one by the runner (whose batches pay
+for a large model); on an accelerator always the runner, whose batches keep it busy.
 
 ``torch_threads`` is the model runner's intra-op thread count. Half the cores leaves the rest to
 the API worker, which decodes uploads and encodes attention PNGs: best for a light model (the
@@ -59,6 +69,7 @@ SERVICE_IMPORT = "serving.service:MedattnService"
 CONFIG_FILE_ENV = "MEDATTN_SERVING_CONFIG"
 DEFAULT_MODEL_NAME = "medattn-fundus"
 STATE_DIRNAME = ".medattn"
+INFERENCE_MODES = ("auto", "in_process", "runner")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -83,6 +94,8 @@ class ServingSettings:
     max_batch_images: int = 16
     device: str = "cpu"
     torch_threads: int = 0
+    inference: str = "auto"
+    in_process_max_ms: float = 10.0
 
     @property
     def runner_torch_threads(self) -> int:
@@ -130,6 +143,8 @@ class ServingSettings:
             max_batch_images=_number(raw.get("max_batch_images", 16), int, where("max_batch_images"), 1),
             device=str(raw.get("device", "cpu")),
             torch_threads=_number(raw.get("torch_threads", 0), int, where("torch_threads"), 0),
+            inference=_inference_mode(raw.get("inference", "auto"), where("inference")),
+            in_process_max_ms=_number(raw.get("in_process_max_ms", 10.0), float, where("in_process_max_ms"), 0),
         )
         try:
             # Resolved here only to refuse a bad name at start-up; the runner resolves it again.
@@ -153,6 +168,16 @@ class ServingSettings:
                                   "(or MEDATTN_OPEN_PREDICT=true to serve predictions without a token)")
         # open_predict=True here wins over the token config's value; None leaves that value as is.
         return Authenticator.load(self.tokens_file, env, open_predict=self.open_predict or None)
+
+
+def inference_mode_from_env(environ: Optional[Mapping[str, str]] = None) -> str:
+    """Just ``inference`` (variable, else settings file, else auto): the service reads it at import."""
+    env = os.environ if environ is None else environ
+    value = (env.get("MEDATTN_INFERENCE") or "").strip()
+    if value:
+        return _inference_mode(value, "MEDATTN_INFERENCE")
+    from_file = _read_config_file(env.get(CONFIG_FILE_ENV)).get("inference", "auto")
+    return _inference_mode(from_file, f"{env.get(CONFIG_FILE_ENV)}: inference")
 
 
 def bentoml_serve_command(host: str = "127.0.0.1", port: int = 3000) -> list[str]:
@@ -212,6 +237,13 @@ def _bool(value: Any, where: str) -> bool:
     if text in _FALSE:
         return False
     raise ParamError(f"{where} must be true or false, got {value!r}")
+
+
+def _inference_mode(value: Any, where: str) -> str:
+    text = str(value).strip().lower().replace("-", "_")
+    if text not in INFERENCE_MODES:
+        raise ParamError(f"{where} must be one of {', '.join(INFERENCE_MODES)}, got {value!r}")
+    return text
 
 
 def _number(value: Any, kind: type, where: str, minimum: float) -> Any:
