@@ -134,7 +134,8 @@ class RunnerClient:
         return await self._call("reload")
 
     async def status(self) -> dict[str, Any]:
-        return await self._call("status")
+        status = await self._call("status")
+        return {**status, "inference": {"mode": "runner", "where": "runner", "placement": None}}
 
     async def _call(self, method: str, *args: Any) -> Any:
         import aiohttp
