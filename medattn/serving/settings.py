@@ -35,15 +35,17 @@ loaded the API worker times its forward pass: on the CPU, a model whose one-imag
 most ``in_process_max_ms`` is served in process, a slower one by the runner (whose batches pay
 for a large model); on an accelerator always the runner, whose batches keep it busy.
 
-``torch_threads`` is the model runner's intra-op thread count. Half the cores leaves the rest to
-the API worker, which decodes uploads and encodes attention PNGs: best for a light model (the
-demo ``small_cnn`` serves 1.6x faster than with all cores on 2 cores). When the model dominates
+``torch_threads`` is the intra-op thread count of the process that runs the model (the runner,
+or the API worker when it serves in process). Half the cores leaves the rest to the API
+worker's decoding of uploads and encoding of attention PNGs: best for a light model (the demo
+``small_cnn`` serves 1.6x faster than with all cores on 2 cores). When the model dominates
 (ResNet-50 at 224 px), set it to the number of cores.
 
 Three more are read by ``serving/service.py`` when it is imported, because BentoML fixes them
 when the service class is defined: ``MEDATTN_BATCH_MAX_SIZE`` (16),
 ``MEDATTN_BATCH_MAX_LATENCY_MS`` (1000; see ``serving/service.py``) and ``MEDATTN_API_WORKERS``
-(1 HTTP worker process; the model runner is always one process).
+(1 HTTP worker process; the model runner is always one process). ``MEDATTN_INFERENCE`` is read
+there too (:func:`inference_mode_from_env`), because it decides whether the runner service exists.
 """
 
 from __future__ import annotations
