@@ -3,10 +3,12 @@
 Both sides do the same work per image: decode the PNG upload, pre-process it as in training,
 run the model, colour-map the attention map back to the image's size and encode it as PNG
 (``medattn.serving``). In process, ``threads`` callers share one :class:`Predictor`; served,
-``clients`` HTTP clients post to ``/predict`` of a real ``bentoml serve`` on loopback, whose
-model runner batches concurrent requests (and which also stores each image and prediction
-for feedback, as in production). Printed per concurrency level: throughput (images/s), p50 and
-p99 latency, and the served / in-process throughput ratio.
+``clients`` HTTP clients post to ``/predict`` of a real ``bentoml serve`` on loopback (which
+also stores each image and prediction for feedback, as in production), with the model where
+``MEDATTN_INFERENCE`` puts it (default ``auto``; ``--server-env MEDATTN_INFERENCE=runner`` forces
+the batching runner). The two sides alternate in ``--rounds`` rounds, so both see the same load.
+Printed per concurrency level: throughput (images/s), p50 and p99 latency, and the served /
+in-process throughput ratio, then where the server placed the model.
 
 By default a model is built at random (``small_cnn`` + global attention, ``--model-size`` px)
 and registered as champion in a throw-away MLflow database, so the benchmark needs no setup;
@@ -57,6 +59,8 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrency levels")
     parser.add_argument("--requests", type=int, default=240, help="timed predictions per level and mode")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="in-process and served alternate this many times per level (same load for both)")
     parser.add_argument("--warmup", type=int, default=64,
                         help="untimed predictions before each level (lets the batcher learn its costs)")
     parser.add_argument("--images", type=int, default=32, help="distinct images, cycled")
@@ -145,6 +149,26 @@ def measure(call: Callable[[bytes], None], images: list[bytes], concurrency: int
         return run(n_requests)
 
 
+def measure_interleaved(calls: dict[str, Callable[[bytes], None]], images: list[bytes], concurrency: int,
+                        args: argparse.Namespace) -> list[Level]:
+    """Each mode in turn, ``--rounds`` times (A B A B ...), pooled per mode.
+
+    Other work on a shared machine comes and goes; measured one after the other, the two sides
+    would see different loads and the ratio would mostly measure that. Interleaved, both sample
+    the same stretch of time.
+    """
+    per_round = max(concurrency, args.requests // args.rounds)
+    seconds = dict.fromkeys(calls, 0.0)
+    latencies: dict[str, list[float]] = {mode: [] for mode in calls}
+    for round_index in range(args.rounds):
+        for mode, call in calls.items():
+            throughput, round_latencies = measure(call, images, concurrency, per_round,
+                                                  args.warmup if round_index == 0 else 0)
+            seconds[mode] += per_round / throughput
+            latencies[mode] += round_latencies
+    return [level(mode, concurrency, (len(latencies[mode]) / seconds[mode], latencies[mode])) for mode in calls]
+
+
 def level(mode: str, concurrency: int, result: tuple[float, list[float]]) -> Level:
     throughput, latencies = result
     ordered = sorted(latencies)
@@ -206,6 +230,13 @@ class Server:
                     totals[kind] += float(line.rsplit(" ", 1)[1])
         return totals["sum"] / totals["count"] if totals["count"] else None
 
+    def placement(self) -> dict | None:
+        """Where the server runs the model (``GET /model``: ``inference``, see MEDATTN_INFERENCE)."""
+        import httpx
+
+        status = httpx.get(f"{self.url}/model", headers={"Authorization": f"Bearer {self.token}"}, timeout=30).json()
+        return status.get("inference")
+
     def client_call(self) -> Callable[[bytes], None]:
         import httpx
 
@@ -239,30 +270,27 @@ def main() -> None:
             uri, name = args.tracking_uri, args.model_name
         else:
             uri, name = register_random_model(workdir, args.model_size, args.backbone, images)
-        levels: list[Level] = []
-        local = in_process_call(uri, name, workdir / "models")
-        for concurrency in args.clients:
-            levels.append(level("in-process", concurrency, measure(local, images, concurrency, args.requests, args.warmup)))
         extra_env = dict(item.split("=", 1) for item in args.server_env)
         server = Server(workdir, uri, name, args.port, extra_env)
         try:
             server.wait_ready()
-            remote = server.client_call()
-            for concurrency in args.clients:
-                levels.append(level("served", concurrency,
-                                    measure(remote, images, concurrency, args.requests, args.warmup)))
+            calls = {"in-process": in_process_call(uri, name, workdir / "models"), "served": server.client_call()}
+            levels = [row for concurrency in args.clients
+                      for row in measure_interleaved(calls, images, concurrency, args)]
             batch_size = server.mean_batch_size()
+            placement = server.placement()
         except RuntimeError:
             log = server.log_path.read_text(errors="replace")
             print("\n".join(line for line in log.splitlines() if "[INFO]" not in line or "runner" in line)[-20000:])
             raise
         finally:
             server.stop()
-    report(levels, args, batch_size)
+    report(levels, args, batch_size, placement)
 
 
-def report(levels: list[Level], args: argparse.Namespace, batch_size: float | None) -> None:
-    print(f"{args.requests} predictions per row, {args.image_px}x{args.image_px} PNG uploads, model "
+def report(levels: list[Level], args: argparse.Namespace, batch_size: float | None, placement: dict | None) -> None:
+    print(f"{args.requests} predictions per row ({args.rounds} interleaved rounds), "
+          f"{args.image_px}x{args.image_px} PNG uploads, model "
           f"{args.backbone if not args.tracking_uri else args.model_name} at {args.model_size} px, "
           f"{os.cpu_count()} CPU cores")
     print(f"{'clients':>7}  {'mode':<10}  {'images/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}")
@@ -273,11 +301,17 @@ def report(levels: list[Level], args: argparse.Namespace, batch_size: float | No
         by_mode = {r.mode: r for r in levels if r.concurrency == concurrency}
         ratios[concurrency] = by_mode["served"].throughput / by_mode["in-process"].throughput
         print(f"served / in-process throughput at {concurrency} client(s): {ratios[concurrency]:.2f}")
+    if placement is not None:
+        chosen = placement.get("placement") or {}
+        print(f"server inference mode {placement['mode']}: model served {placement['where']}"
+              + (f" ({chosen['reason']})" if chosen else ""))
     if batch_size is not None:
         print(f"mean adaptive batch size of the model runner (all served levels): {batch_size:.2f}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"levels": [row.__dict__ for row in levels], "mean_batch_size": batch_size,
-                                         "ratios": {str(k): v for k, v in ratios.items()}}, indent=2))
+        args.json.write_text(json.dumps({"levels": [row.__dict__ for row in levels],
+                                         "mean_batch_size": batch_size,
+                                         "ratios": {str(k): v for k, v in ratios.items()},
+                                         "placement": placement}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ Two services, two processes:
   (ready once the runner has a model) and ``/metrics`` (BentoML's request metrics + medattn's).
   It reaches the runner through ``bentoml.depends``: a service never calls its own batched API.
 
+Where the model runs is ``MEDATTN_INFERENCE`` (:mod:`medattn.serving.placement`), read at import:
+``runner`` as above; ``in_process``: the API service holds and follows the champion itself and
+no runner process is started; ``auto`` (default): both run, and the API process keeps a model
+that its load-time timing finds fast enough (the demo ``small_cnn``), leaving slower ones to the
+runner's batches.
+
 Batching is tuned by ``MEDATTN_BATCH_MAX_SIZE`` (16) and ``MEDATTN_BATCH_MAX_LATENCY_MS`` (1000),
 read at import. BentoML's dispatcher sheds a queued request with a 503 once its expected latency
 passes ``max_latency_ms``, and it also scales its first cost guesses by it: a large value makes the
@@ -24,7 +30,6 @@ import asyncio
 import gc
 import logging
 import os
-import threading
 from typing import Any
 
 import anyio
@@ -32,11 +37,12 @@ import bentoml
 import numpy as np
 import torch
 
+from medattn.devices import resolve_device
 from medattn.errors import first_line
 from medattn.serving import metrics
-from medattn.serving.backend import HttpProblem, ServingBackend
-from medattn.serving.inference import ChampionSlot
-from medattn.serving.settings import ServingSettings
+from medattn.serving.backend import HttpProblem, ModelClient, ServingBackend
+from medattn.serving.placement import ChampionFollower, InProcessModel
+from medattn.serving.settings import ServingSettings, inference_mode_from_env
 from serving.app import app
 from serving.client_timeouts import install_client_timeouts
 from serving.http_errors import JsonRoutingErrors
@@ -48,6 +54,9 @@ BATCH_MAX_SIZE = int(os.environ.get("MEDATTN_BATCH_MAX_SIZE", "16"))
 API_WORKERS = int(os.environ.get("MEDATTN_API_WORKERS", "1"))
 BATCH_MAX_LATENCY_MS = int(os.environ.get("MEDATTN_BATCH_MAX_LATENCY_MS", "1000"))
 RUNNER_CALL_TIMEOUT_S = 120
+# auto | in_process | runner (MEDATTN_INFERENCE): read at import, because it decides whether the
+# API service depends on the runner service at all.
+INFERENCE_MODE = inference_mode_from_env()
 
 
 def freeze_startup_heap() -> None:
@@ -71,14 +80,9 @@ class ModelRunner:
     def __init__(self) -> None:
         self.settings = ServingSettings.from_env()
         torch.set_num_threads(self.settings.runner_torch_threads)
-        self.metrics = metrics.get_metrics()
-        self.metrics.clear_serving_model()
-        self.slot = ChampionSlot(self.settings.model_name, self.settings.tracking_uri,
-                                 self.settings.model_cache_dir, self.settings.device)
-        self._stop = threading.Event()
-        # Loading happens in the background so the process starts (and /livez answers) at once.
-        self._follower = threading.Thread(target=self._follow_champion, name="champion-follower", daemon=True)
-        self._follower.start()
+        self.follower = ChampionFollower(self.settings)
+        self.slot = self.follower.slot
+        self.follower.start()
         freeze_startup_heap()
 
     def __is_ready__(self) -> bool:
@@ -97,50 +101,18 @@ class ModelRunner:
     async def reload(self) -> dict[str, Any]:
         """Load the champion now; inference keeps running on the old model meanwhile."""
         try:
-            changed = await anyio.to_thread.run_sync(self._refresh)
+            changed = await anyio.to_thread.run_sync(self.follower.refresh)
         except Exception as exc:  # noqa: BLE001 - reported to the admin who asked, and logged
             return {"error": first_line(exc)}
         return {"changed": changed, **(await self.status())}
 
     @bentoml.api
     async def status(self) -> dict[str, Any]:
-        predictor = self.slot.current
-        return {
-            "loaded": predictor is not None,
-            "model": predictor.ref.to_dict() if predictor else None,
-            "class_names": list(predictor.class_names) if predictor else [],
-            "image_size": predictor.spec.image_size if predictor else None,
-            "last_error": self.slot.last_error,
-        }
+        return self.follower.status()
 
     @bentoml.on_shutdown
     def stop_following(self) -> None:
-        self._stop.set()
-
-    def _refresh(self) -> bool:
-        try:
-            changed = self.slot.refresh()
-        except Exception:
-            log.warning("cannot load the champion of %r from %s: %s", self.settings.model_name,
-                        self.settings.tracking_uri, self.slot.last_error)
-            self.metrics.record_model_reload(success=False)
-            if self.slot.current is None:
-                self.metrics.clear_serving_model()
-            raise
-        if changed:
-            ref = self.slot.current.ref
-            self.metrics.set_serving_model(ref.name, ref.version)
-            self.metrics.record_model_reload(success=True)
-        return changed
-
-    def _follow_champion(self) -> None:
-        while True:
-            try:
-                self._refresh()
-            except Exception:  # noqa: BLE001 - logged in _refresh; the next poll tries again
-                pass
-            if self.settings.poll_seconds <= 0 or self._stop.wait(self.settings.poll_seconds):
-                return
+        self.follower.stop()
 
 
 class RunnerClient:
@@ -164,7 +136,8 @@ class RunnerClient:
         return await self._call("reload")
 
     async def status(self) -> dict[str, Any]:
-        return await self._call("status")
+        status = await self._call("status")
+        return {**status, "inference": {"mode": "runner", "where": "runner", "placement": None}}
 
     async def _call(self, method: str, *args: Any) -> Any:
         import aiohttp
@@ -192,11 +165,13 @@ class RunnerClient:
 class MedattnService:
     """HTTP entry point: predictions with attention maps, expert feedback, model switching."""
 
-    runner = bentoml.depends(ModelRunner)
+    # in_process: no dependency, so BentoML starts no runner process at all (see INFERENCE_MODE).
+    if INFERENCE_MODE != "in_process":
+        runner = bentoml.depends(ModelRunner)
 
     def __init__(self) -> None:
         settings = ServingSettings.from_env()
-        self.backend = ServingBackend(settings, RunnerClient(self.runner))
+        self.backend = ServingBackend(settings, self._model_client(settings))
         log.info("medattn service: model %r from %s, feedback in %s", settings.model_name,
                  settings.tracking_uri, self.backend.store.safe_url)
         freeze_startup_heap()
@@ -209,8 +184,22 @@ class MedattnService:
             return False
         return bool(status.get("loaded"))
 
+    def _model_client(self, settings: ServingSettings) -> ModelClient:
+        """Where this worker's predictions run (:mod:`medattn.serving.placement`)."""
+        if INFERENCE_MODE == "in_process":
+            torch.set_num_threads(settings.runner_torch_threads)
+            return InProcessModel(settings)
+        runner = RunnerClient(self.runner)
+        # auto on an accelerator: batching keeps it busy, so this process never loads the model.
+        if INFERENCE_MODE == "runner" or resolve_device(settings.device).type != "cpu":
+            return runner
+        torch.set_num_threads(settings.runner_torch_threads)
+        return InProcessModel(settings, runner=runner)
+
     @bentoml.on_shutdown
     def close_store(self) -> None:
+        if isinstance(self.backend.runner, InProcessModel):
+            self.backend.runner.close()
         self.backend.close()
 
 

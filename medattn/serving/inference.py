@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -175,7 +175,7 @@ def build_payload(raw: RawPrediction, width: int, height: int, request_id: str,
     payload: dict[str, Any] = {
         "request_id": request_id,
         "label": raw.label,
-        "probabilities": {name: float(p) for name, p in zip(raw.class_names, raw.probabilities)},
+        "probabilities": {name: float(p) for name, p in zip(raw.class_names, raw.probabilities, strict=True)},
         "model": raw.model.to_dict(),
         "image": {"width": width, "height": height},
         "attention_png": base64.b64encode(attention_png(raw.attention, width, height)).decode("ascii"),
@@ -201,6 +201,8 @@ class ChampionSlot:
     cache_dir: Path
     device: str = "cpu"
     _current: Optional[Predictor] = field(default=None, init=False)
+    # The version whose weights release() dropped: still "held", so refresh() does not load it again.
+    _released: Optional[ModelRef] = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     last_error: Optional[str] = field(default=None, init=False)
 
@@ -208,25 +210,42 @@ class ChampionSlot:
     def current(self) -> Optional[Predictor]:
         return self._current
 
-    def refresh(self) -> bool:
-        """Load the champion if it is not the one held; True when the served model changed.
+    @property
+    def held(self) -> Optional[ModelRef]:
+        """The champion version this slot follows, loaded or released."""
+        return self._current.ref if self._current is not None else self._released
+
+    def release(self) -> None:
+        """Drop the loaded weights but remember the version (it is served elsewhere)."""
+        with self._lock:
+            if self._current is not None:
+                self._released, self._current = self._current.ref, None
+
+    def refresh(self, keep: Optional[Callable[[Predictor], bool]] = None) -> bool:
+        """Load the champion if it is not the one held; True when the followed version changed.
 
         Registry and loading failures propagate (RegistryError / ModelError) and leave the
         current model serving; they are also kept in ``last_error`` for the status endpoint.
+        ``keep`` sees a newly loaded predictor before anyone else: False releases its weights
+        at once (the version is then served elsewhere, see :mod:`medattn.serving.placement`).
         """
         from medattn.registry import download_model_version, get_model_version_info
 
         with self._lock:  # one load at a time (the poller and POST /reload may race)
             try:
                 info = get_model_version_info(self.model_name, CHAMPION_ALIAS, tracking_uri=self.tracking_uri)
-                held = self._current
-                if held is not None and held.ref.version == info.version:
+                held = self.held
+                if held is not None and held.version == info.version:
                     self.last_error = None
                     return False
                 # By version number, not alias: the alias may move again while we download.
                 bundle_dir, info = download_model_version(self.model_name, info.version, dst=self.cache_dir,
                                                           tracking_uri=self.tracking_uri)
-                self._current = Predictor.from_bundle(bundle_dir, ModelRef(info.name, info.version), self.device)
+                loaded = Predictor.from_bundle(bundle_dir, ModelRef(info.name, info.version), self.device)
+                if keep is None or keep(loaded):
+                    self._current, self._released = loaded, None
+                else:
+                    self._current, self._released = None, loaded.ref
             except Exception as exc:
                 self.last_error = first_line(exc)
                 raise

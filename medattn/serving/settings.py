@@ -34,17 +34,29 @@ MEDATTN_UPLOAD_RETENTION_HOURS  upload_retention_hours  720 (30 days; 0 = keep f
 MEDATTN_RETENTION_SWEEP_SECONDS  retention_sweep_seconds  3600 (how often at most the API looks for expired images)
 MEDATTN_DEVICE              device                  cpu (or cuda, cuda:N, auto: ``medattn.devices``)
 MEDATTN_TORCH_THREADS       torch_threads           0 = half the CPU cores (see below)
+MEDATTN_INFERENCE           inference               auto (or in_process, runner; see below)
+MEDATTN_IN_PROCESS_MAX_MS   in_process_max_ms       10 (auto: in process when one image is faster)
 ==========================  ======================  ============================================
 
-``torch_threads`` is the model runner's intra-op thread count. Half the cores leaves the rest to
-the API worker, which decodes uploads and encodes attention PNGs: best for a light model (the
-demo ``small_cnn`` serves 1.6x faster than with all cores on 2 cores). When the model dominates
+``inference`` says where the model runs (:mod:`medattn.serving.placement`): ``runner`` = in the
+model-runner service, with adaptive batching, behind one more HTTP hop per request;
+``in_process`` = in each API worker (no runner process at all), which pays for a light model whose
+forward pass costs less than that hop; ``auto`` = both services run, and each time a champion is
+loaded the API worker times its forward pass: on the CPU, a model whose one-image pass takes at
+most ``in_process_max_ms`` is served in process, a slower one by the runner (whose batches pay
+for a large model); on an accelerator always the runner, whose batches keep it busy.
+
+``torch_threads`` is the intra-op thread count of the process that runs the model (the runner,
+or the API worker when it serves in process). Half the cores leaves the rest to the API
+worker's decoding of uploads and encoding of attention PNGs: best for a light model (the demo
+``small_cnn`` serves 1.6x faster than with all cores on 2 cores). When the model dominates
 (ResNet-50 at 224 px), set it to the number of cores.
 
 Three more are read by ``serving/service.py`` when it is imported, because BentoML fixes them
 when the service class is defined: ``MEDATTN_BATCH_MAX_SIZE`` (16),
 ``MEDATTN_BATCH_MAX_LATENCY_MS`` (1000; see ``serving/service.py``) and ``MEDATTN_API_WORKERS``
-(1 HTTP worker process; the model runner is always one process).
+(1 HTTP worker process; the model runner is always one process). ``MEDATTN_INFERENCE`` is read
+there too (:func:`inference_mode_from_env`), because it decides whether the runner service exists.
 """
 
 from __future__ import annotations
@@ -80,6 +92,7 @@ SERVICE_IMPORT = "serving.service:MedattnService"
 CONFIG_FILE_ENV = "MEDATTN_SERVING_CONFIG"
 DEFAULT_MODEL_NAME = "medattn-fundus"
 STATE_DIRNAME = ".medattn"
+INFERENCE_MODES = ("auto", "in_process", "runner")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -115,6 +128,8 @@ class ServingSettings:
     strip_metadata: bool = True
     upload_retention_hours: float = 720.0
     retention_sweep_seconds: float = 3600.0
+    inference: str = "auto"
+    in_process_max_ms: float = 10.0
 
     @property
     def runner_torch_threads(self) -> int:
@@ -184,6 +199,8 @@ class ServingSettings:
                                            where("upload_retention_hours"), 0),
             retention_sweep_seconds=_number(raw.get("retention_sweep_seconds", 3600.0), float,
                                             where("retention_sweep_seconds"), 0),
+            inference=_inference_mode(raw.get("inference", "auto"), where("inference")),
+            in_process_max_ms=_number(raw.get("in_process_max_ms", 10.0), float, where("in_process_max_ms"), 0),
         )
         try:
             # Resolved here only to refuse a bad name at start-up; the runner resolves it again.
@@ -207,6 +224,16 @@ class ServingSettings:
                                   "(or MEDATTN_OPEN_PREDICT=true to serve predictions without a token)")
         # open_predict=True here wins over the token config's value; None leaves that value as is.
         return Authenticator.load(self.tokens_file, env, open_predict=self.open_predict or None)
+
+
+def inference_mode_from_env(environ: Optional[Mapping[str, str]] = None) -> str:
+    """Just ``inference`` (variable, else settings file, else auto): the service reads it at import."""
+    env = os.environ if environ is None else environ
+    value = (env.get("MEDATTN_INFERENCE") or "").strip()
+    if value:
+        return _inference_mode(value, "MEDATTN_INFERENCE")
+    from_file = _read_config_file(env.get(CONFIG_FILE_ENV)).get("inference", "auto")
+    return _inference_mode(from_file, f"{env.get(CONFIG_FILE_ENV)}: inference")
 
 
 def bentoml_serve_command(host: str = "127.0.0.1", port: int = 3000) -> list[str]:
@@ -272,6 +299,13 @@ def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
     text = str(value).strip().lower()
     if text not in choices:
         raise ParamError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+def _inference_mode(value: Any, where: str) -> str:
+    text = str(value).strip().lower().replace("-", "_")
+    if text not in INFERENCE_MODES:
+        raise ParamError(f"{where} must be one of {', '.join(INFERENCE_MODES)}, got {value!r}")
     return text
 
 

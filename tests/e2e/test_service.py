@@ -310,11 +310,13 @@ def test_feedback_with_the_image_itself(client, service):
 # ---- monitoring ---------------------------------------------------------------------------------
 
 
-def test_metrics_keep_bentoml_request_metrics_and_add_ours(client):
+def test_metrics_keep_bentoml_request_metrics_and_add_ours(client, service):
     text = client.get("/metrics").text
     assert 'bentoml_service_request_total{endpoint="/predict",http_response_code="200"' in text
     assert "bentoml_service_request_duration_seconds_bucket" in text
-    assert "bentoml_service_adaptive_batch_size" in text
+    # No adaptive-batch series here: in the default auto mode this tiny model is served in the API
+    # process; test_service_inference_modes.py checks the runner's batching metrics.
+    assert 'inference' in client.get("/model", headers=service.headers("predict")).json()
     assert 'medattn_predictions_total{label=' in text and 'model_version="1"' in text
     assert f'medattn_model_info{{model_name="{MODEL_NAME}",version="1"}} 1.0' in text
     assert "medattn_model_loaded 1.0" in text

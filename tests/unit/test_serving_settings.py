@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from medattn.errors import ParamError
-from medattn.serving.settings import ServingSettings
+from medattn.serving.settings import ServingSettings, inference_mode_from_env
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,8 @@ def test_variables_override_the_settings_file(repo):
     ("MEDATTN_OPEN_PREDICT", "maybe", "true or false"),
     ("MEDATTN_DEVICE", "tpu", "cpu, cuda"),
     ("MEDATTN_DEVICE", "cuda:x", "'cuda:x'"),
+    ("MEDATTN_INFERENCE", "gpu", "auto, in_process, runner"),
+    ("MEDATTN_IN_PROCESS_MAX_MS", "-1", ">= 0"),
 ])
 def test_a_bad_variable_is_named_in_the_error(repo, variable, value, words):
     with pytest.raises(ParamError, match=variable) as info:
@@ -103,3 +105,18 @@ def test_a_bad_limit_or_policy_is_named_in_the_error(repo, variable, value, word
     with pytest.raises(ParamError, match=variable) as info:
         ServingSettings.from_env({variable: value}, repo_root=repo)
     assert words in str(info.value)
+
+
+def test_inference_mode_defaults_to_auto_and_the_variable_wins_over_the_file(repo):
+    assert ServingSettings.from_env({}, repo_root=repo).inference == "auto"
+    config = repo / "serving.yaml"
+    config.write_text("inference: runner\nin_process_max_ms: 25\n")
+    from_file = {"MEDATTN_SERVING_CONFIG": str(config)}
+    settings = ServingSettings.from_env(from_file, repo_root=repo)
+    assert settings.inference == "runner" and settings.in_process_max_ms == 25.0
+    # The service reads the mode alone at import; it must agree with the full settings.
+    assert inference_mode_from_env(from_file) == "runner"
+    assert inference_mode_from_env({**from_file, "MEDATTN_INFERENCE": "In-Process"}) == "in_process"
+    assert inference_mode_from_env({}) == "auto"
+    with pytest.raises(ParamError, match="MEDATTN_INFERENCE"):
+        inference_mode_from_env({"MEDATTN_INFERENCE": "sometimes"})
