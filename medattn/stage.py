@@ -7,11 +7,12 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 from medattn.errors import MedattnError, ParamError
 
@@ -75,3 +76,26 @@ def pipeline_paths(project_root: Path) -> PipelinePaths:
         if isinstance(entry, dict) and isinstance(entry.get("paths"), dict):
             return PipelinePaths(dvc_file, {str(k): Path(str(v)) for k, v in entry["paths"].items()})
     raise ParamError(f"{dvc_file}: no 'vars: - paths:' mapping (where the stages read and write)")
+
+
+class StageParser(argparse.ArgumentParser):
+    """A stage script's command line: ``--params``, then paths whose defaults are dvc.yaml's.
+
+    Every stage takes the same ``--params`` and defaults each path flag to the ``vars: paths``
+    entry DVC passes it, so a script run by hand reads and writes where DVC expects::
+
+        parser = StageParser(__doc__, PROJECT_ROOT)
+        parser.add_path("--data", "prepared", "prepared dataset")
+    """
+
+    def __init__(self, doc: Optional[str], project_root: Path, params_help: str = "parameters file") -> None:
+        # the docstring's first paragraph, unwrapped (argparse re-wraps it to the terminal)
+        summary = " ".join((doc or "").strip().split("\n\n")[0].split()) or None
+        super().__init__(description=summary)
+        self.paths = pipeline_paths(project_root)
+        self.add_argument("--params", type=Path, default=Path("params.yaml"),
+                          help=f"{params_help} (default: %(default)s)")
+
+    def add_path(self, flag: str, name: str, help: str) -> None:
+        self.add_argument(flag, type=Path, default=self.paths[name],
+                          help=f"{help} (default, from dvc.yaml: %(default)s)")

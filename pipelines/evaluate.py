@@ -7,29 +7,22 @@ one ``--run-ref`` names). Path defaults come from dvc.yaml's ``vars: paths``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from medattn.config import load_params
 from medattn.evaluation.run import run_evaluation
 from medattn.registry import get_run, read_run_ref
-from medattn.stage import pipeline_paths, run_stage
+from medattn.stage import StageParser, run_stage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    paths = pipeline_paths(PROJECT_ROOT)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file (default: %(default)s)")
-    parser.add_argument("--data", type=Path, default=paths["prepared"],
-                        help="prepared dataset (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--model", type=Path, default=paths["model"],
-                        help="model bundle (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--run-ref", type=Path, default=paths["run_ref"],
-                        help="the train stage's MLflow run reference (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--out", type=Path, default=paths["evaluate_reports"],
-                        help="report folder to write (default, from dvc.yaml: %(default)s)")
+    parser = StageParser(__doc__, PROJECT_ROOT)
+    parser.add_path("--data", "prepared", "prepared dataset")
+    parser.add_path("--model", "model", "model bundle")
+    parser.add_path("--run-ref", "run_ref", "the train stage's MLflow run reference")
+    parser.add_path("--out", "evaluate_reports", "report folder to write")
     args = parser.parse_args()
     params = load_params(args.params)
     run_ref = read_run_ref(args.run_ref)

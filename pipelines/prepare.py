@@ -8,23 +8,19 @@ defaults come from dvc.yaml's ``vars: paths``, the one place they are written.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from medattn.config import load_params
 from medattn.data.manifest import read_manifest
 from medattn.data.prepare import prepare_dataset
-from medattn.stage import pipeline_paths, run_stage
+from medattn.stage import StageParser, run_stage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    paths = pipeline_paths(PROJECT_ROOT)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=paths["prepared"],
-                        help="prepared dataset folder to write (default, from dvc.yaml: %(default)s)")
+    parser = StageParser(__doc__, PROJECT_ROOT)
+    parser.add_path("--out", "prepared", "prepared dataset folder to write")
     args = parser.parse_args()
     params = load_params(args.params)
     prepare_dataset(params, args.out)

@@ -7,24 +7,22 @@ Export first: ``medattn feedback export --out data/feedback``.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 from medattn.config import load_params
 from medattn.feedback.recalibration import recalibrate
 from medattn.feedback.store import FeedbackStore
-from medattn.stage import run_stage
+from medattn.stage import StageParser, run_stage
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--params", type=Path, default=Path("params.yaml"), help="parameters file (default: %(default)s)")
-    add("--snapshot", type=Path, default=Path("data/feedback"), help="feedback export (default: %(default)s)")
-    add("--data", type=Path, default=Path("data/prepared"), help="prepared dataset (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("reports/recalibrate/result.json"),
-                        help="result file to write (default: %(default)s)")
+    parser = StageParser(__doc__, PROJECT_ROOT)
+    parser.add_path("--snapshot", "feedback_snapshot", "feedback export (medattn feedback export --out ...)")
+    parser.add_path("--data", "prepared", "the champion's prepared dataset (its split is kept)")
+    parser.add_path("--out", "recalibrate_result", "result file to write")
     parser.add_argument("--feedback-db", default=os.environ.get("MEDATTN_FEEDBACK_DB", "sqlite:///.medattn/feedback.db"),
                         help="feedback store URL (default: $MEDATTN_FEEDBACK_DB or %(default)s)")
     args = parser.parse_args()

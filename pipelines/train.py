@@ -8,30 +8,22 @@ from dvc.yaml's ``vars: paths``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from medattn.config import load_params
-from medattn.stage import pipeline_paths, run_stage
+from medattn.stage import StageParser, run_stage
 from medattn.training.run import TrainOutputs, run_training
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    paths = pipeline_paths(PROJECT_ROOT)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file (default: %(default)s)")
-    parser.add_argument("--data", type=Path, default=paths["prepared"],
-                        help="prepared dataset (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--validation", type=Path, default=paths["validation"],
-                        help="validate stage's report, logged with the run (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--model", type=Path, default=paths["model"],
-                        help="model bundle folder to write (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--reports", type=Path, default=paths["train_reports"],
-                        help="report folder to write (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--checkpoints", type=Path, default=paths["checkpoints"],
-                        help="resume state of an interrupted run (default, from dvc.yaml: %(default)s)")
+    parser = StageParser(__doc__, PROJECT_ROOT)
+    parser.add_path("--data", "prepared", "prepared dataset")
+    parser.add_path("--validation", "validation", "validate stage's report, logged with the run")
+    parser.add_path("--model", "model", "model bundle folder to write")
+    parser.add_path("--reports", "train_reports", "report folder to write")
+    parser.add_path("--checkpoints", "checkpoints", "resume state of an interrupted run")
     args = parser.parse_args()
     params = load_params(args.params)
     outputs = TrainOutputs(args.model, args.reports, args.checkpoints, validation_report_dir=args.validation)

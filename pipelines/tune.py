@@ -9,11 +9,10 @@ resumes where it stopped when re-run. Path defaults come from dvc.yaml's ``vars:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from medattn.config import load_params
-from medattn.stage import pipeline_paths, run_stage
+from medattn.stage import StageParser, run_stage
 from medattn.tuning.search import SearchRequest, run_search
 from medattn.tuning.space import dvc_exp_run_command
 
@@ -21,16 +20,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    paths = pipeline_paths(PROJECT_ROOT)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameters file (default: %(default)s)")
-    parser.add_argument("--data", type=Path, default=paths["prepared"],
-                        help="prepared dataset (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--out", type=Path, default=paths["tune_reports"],
-                        help="report folder to write (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--checkpoints", type=Path, default=paths["tune_checkpoints"],
-                        help="folder of the default journal storage (default, from dvc.yaml: %(default)s)")
+    parser = StageParser(__doc__, PROJECT_ROOT)
+    parser.add_path("--data", "prepared", "prepared dataset")
+    parser.add_path("--out", "tune_reports", "report folder to write")
+    parser.add_path("--checkpoints", "tune_checkpoints", "folder of the default journal storage")
     args = parser.parse_args()
     params = load_params(args.params)
     outcome = run_search(SearchRequest(params, args.params, args.data, args.out, args.checkpoints))

@@ -14,21 +14,15 @@ from pathlib import Path
 
 from medattn.config import load_params
 from medattn.data.validation import validate_dataset
-from medattn.stage import pipeline_paths, run_stage
+from medattn.stage import StageParser, run_stage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    paths = pipeline_paths(PROJECT_ROOT)
-    parser = argparse.ArgumentParser(
-        description="Validate a prepared dataset with the Great Expectations suite and write its report.")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameters file (default: %(default)s; uses validate.* and data.image_size)")
-    parser.add_argument("--data", type=Path, default=paths["prepared"],
-                        help="prepared dataset folder with manifest.csv and classes.json (default, from dvc.yaml: %(default)s)")
-    parser.add_argument("--out", type=Path, default=paths["validation"],
-                        help="folder for validation.json and validation.md (default, from dvc.yaml: %(default)s)")
+    parser = StageParser(__doc__, PROJECT_ROOT, params_help="parameters file; uses validate.* and data.image_size")
+    parser.add_path("--data", "prepared", "prepared dataset folder with manifest.csv and classes.json")
+    parser.add_path("--out", "validation", "folder for validation.json and validation.md")
     return parser.parse_args(argv)
 
 
