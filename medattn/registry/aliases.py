@@ -255,8 +255,16 @@ def _judge(
 
 
 def _set_champion(client, name: str, version: str) -> None:
-    """Make ``version`` champion; the caller holds the alias lock."""
-    history = [*champion_history(client, name), version][-_HISTORY_KEEP:]
+    """Make ``version`` champion; the caller holds the alias lock.
+
+    A champion the history does not end with (its alias set by hand in MLflow, or before the
+    history existed) is appended first, so the promotion can be rolled back to it.
+    """
+    history = champion_history(client, name)
+    current = alias_or_none(client, name, CHAMPION)
+    if current is not None and (not history or history[-1] != version_number(current)):
+        history.append(version_number(current))
+    history = [*history, version][-_HISTORY_KEEP:]
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     _clear_rolled_back(client, name, version)

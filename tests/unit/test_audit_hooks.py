@@ -141,6 +141,13 @@ def test_refused_moves_record_nothing(uri, store, bundle) -> None:
     assert list_events(store) == []
     assert str(client.get_model_version_by_alias(MODEL, CHAMPION).version) == v1
 
+    # a champion set by hand (not in champion_history) can still be rolled back to after an Accept
+    v2 = _register(uri, bundle, 0.5)
+    client.set_registered_model_alias(MODEL, CHALLENGER, v2)
+    promote_challenger(MODEL, tracking_uri=uri, on_change=alias_change_recorder(store, "alice", uri))
+    assert rollback_champion(MODEL, tracking_uri=uri, on_change=alias_change_recorder(store, "alice", uri)).version == v1
+    assert _moves(store) == [("alice", "promote", v1, v2), ("alice", "rollback", v2, v1)]
+
 
 def test_a_replayed_feedback_gets_one_audit_row(store) -> None:
     from medattn.feedback.schema import parse_submission
