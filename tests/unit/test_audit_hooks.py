@@ -182,3 +182,23 @@ def test_cli_promote_is_audited_with_the_actor(uri, tmp_path, bundle) -> None:
     assert f"champion is now version {v2}" in promoted.stdout
     with FeedbackStore(f"sqlite:///{tmp_path / 'state' / 'feedback.db'}") as store:
         assert _moves(store) == [("dr-who", "promote", v1, v2)]
+
+
+def test_a_feedback_whose_audit_row_fails_is_a_503_that_names_the_stored_record() -> None:
+    from types import SimpleNamespace
+
+    from medattn.feedback.schema import StoreUnavailable
+    from medattn.serving.backend import HttpProblem
+    from serving.routers.feedback import _audit
+
+    class DownStore:
+        safe_url = "sqlite:///down-for-this-test.db"
+
+        def _transaction(self, write: bool = False):
+            raise StoreUnavailable("feedback store unreachable: disk I/O error")
+
+    record = SimpleNamespace(id="1234", model_version="1", model_name=MODEL, request_id=None, expert_id="e", rois=[])
+    with pytest.raises(HttpProblem) as failed:
+        _audit(SimpleNamespace(store=DownStore()), "expert", record)
+    assert failed.value.status_code == 503
+    assert "feedback 1234 is stored" in str(failed.value) and "same Idempotency-Key" in str(failed.value)
