@@ -152,7 +152,9 @@ def write_state(state_root: Path, state: SchedulerState) -> None:
     write_json_atomic(state_dir_of(state_root) / STATE_FILE, state.to_json(), sort_keys=True)
     from medattn.serving.metrics import set_recalibration_state
 
-    set_recalibration_state(state.to_json())
+    # this process's own gauges (`medattn scheduler --metrics-port`): whether a scheduler holds its lock
+    # is asked of the lock, as current_state does (held by this very process when it is the scheduler)
+    set_recalibration_state({**state.to_json(), "scheduler_up": is_locked(state_dir_of(state_root) / SCHEDULER_LOCK)})
 
 
 def current_state(state_root: Path, store: Optional[FeedbackStore] = None,

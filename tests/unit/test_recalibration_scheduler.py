@@ -136,3 +136,19 @@ def test_metrics_middleware_sets_the_gauges_at_scrape_time(tmp_path: Path) -> No
         asyncio.run(middleware({"type": "http", "method": "GET", "path": "/predict"}, None, None))
         assert REGISTRY.get_sample_value("medattn_recalibration_running") == 1.0  # other paths read nothing
     assert seen == ["/metrics", "/predict"]
+
+
+def test_the_schedulers_own_gauges_say_it_is_up(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    from medattn.feedback.scheduler import run_scheduler
+    from medattn.serving.metrics import get_metrics
+
+    get_metrics()
+    params = Params(recalibrate=RecalibrateParams(min_feedback=1))
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        assert run_scheduler(params, store, tmp_path, job=lambda: None, poll_seconds=0, max_checks=1,
+                             log=lambda _: None) == 1
+        assert REGISTRY.get_sample_value("medattn_recalibration_scheduler_up") == 1.0  # set while it held the lock
+        run_if_needed(params, store, tmp_path, job=lambda: None)  # a one-shot check, no scheduler
+        assert REGISTRY.get_sample_value("medattn_recalibration_scheduler_up") == 0.0
