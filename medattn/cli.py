@@ -84,23 +84,53 @@ def model_info(params: ParamsOption = Path("params.yaml"), name: NameOption = No
     typer.echo(json.dumps(get_model_version_info(model_name, alias, tracking_uri=uri).to_dict(), indent=2))
 
 
-@model_app.command("promote")
-def model_promote(params: ParamsOption = Path("params.yaml"), name: NameOption = None) -> None:
-    """Accept the challenger: it becomes champion (served models pick it up on reload / poll)."""
-    from medattn.registry import promote_challenger
+def _login_name() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
+ActorOption = Annotated[Optional[str], typer.Option("--actor", help="who does it, for the audit log "
+                                                    "(default: your login name)")]
+AuditDbOption = Annotated[Optional[str], typer.Option(
+    "--audit-db", envvar="MEDATTN_FEEDBACK_DB",
+    help="database of the audit log: the service's feedback DB (default: sqlite:///<MEDATTN_STATE_DIR or "
+    ".medattn>/feedback.db)")]
+
+
+def _audited_move(move, params: Path, name: Optional[str], actor: Optional[str], audit_db: Optional[str]):
+    """Run a promote / rollback with its audit row (``medattn.feedback.audit``)."""
+    from medattn.feedback.audit import alias_change_recorder
+    from medattn.feedback.store import FeedbackStore
 
     uri, model_name = _tracking(params, name)
-    info = promote_challenger(model_name, tracking_uri=uri)
+    state = Path(os.environ.get("MEDATTN_STATE_DIR") or ".medattn")
+    with FeedbackStore(audit_db or f"sqlite:///{state / 'feedback.db'}") as store:
+        info = move(model_name, tracking_uri=uri,
+                    on_change=alias_change_recorder(store, actor or _login_name(), uri))
+    return model_name, info
+
+
+@model_app.command("promote")
+def model_promote(params: ParamsOption = Path("params.yaml"), name: NameOption = None, actor: ActorOption = None,
+                  audit_db: AuditDbOption = None) -> None:
+    """Accept the challenger: it becomes champion (served models pick it up on reload / poll); audited."""
+    from medattn.registry import promote_challenger
+
+    model_name, info = _audited_move(promote_challenger, params, name, actor, audit_db)
     typer.echo(f"{model_name}: champion is now version {info.version}")
 
 
 @model_app.command("rollback")
-def model_rollback(params: ParamsOption = Path("params.yaml"), name: NameOption = None) -> None:
-    """Point champion back at the previous champion."""
+def model_rollback(params: ParamsOption = Path("params.yaml"), name: NameOption = None, actor: ActorOption = None,
+                   audit_db: AuditDbOption = None) -> None:
+    """Point champion back at the previous champion; audited."""
     from medattn.registry import rollback_champion
 
-    uri, model_name = _tracking(params, name)
-    info = rollback_champion(model_name, tracking_uri=uri)
+    model_name, info = _audited_move(rollback_champion, params, name, actor, audit_db)
     typer.echo(f"{model_name}: champion rolled back to version {info.version}")
 
 

@@ -206,6 +206,8 @@ class MedattnService:
 # Requests no route matches are answered by BentoML's own router, in plain text; this gives them
 # the JSON error body of every other error.
 MedattnService.add_asgi_middleware(JsonRoutingErrors)
+# /metrics shows the recalibration scheduler's state as it is at scrape time (another process's).
+MedattnService.add_asgi_middleware(metrics.RecalibrationStateOnScrape)
 # Bounded /metrics (endpoint = route template) and deadlines for stalled clients: see the modules.
 metrics.bound_bentoml_request_labels(app.openapi()["paths"])  # the routes' templates, as published
 install_client_timeouts(MedattnService)

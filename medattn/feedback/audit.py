@@ -14,19 +14,37 @@ Each event is mirrored as MLflow tags (:func:`mirror_to_mlflow`) on the version 
 
     record_event(store, actor, action, from_version, to_version, details) -> AuditEvent
     list_events(store, action=None, model_name=None, since=None, limit=100, offset=0) -> list[AuditEvent]
+    alias_change_recorder(store, actor, tracking_uri) -> callback for the registry's ``on_change``
+    record_feedback_event(store, actor, record) -> AuditEvent (once per feedback record)
+
+Who writes them: ``POST /feedback`` (the token's name), ``POST /promote`` / ``/rollback`` and the
+review page's Accept / Roll back (the admin token's name), ``medattn model promote|rollback``
+(``--actor``, default the login name), the register stage's gate when it promotes
+(``$MEDATTN_ACTOR`` or ``register-stage``) and ``medattn recalibrate`` / ``medattn scheduler``
+(recalibration, and its auto-promote). Promotions and rollbacks are recorded inside the registry's
+alias lock, after the alias moved, and undone if the row cannot be written
+(:mod:`medattn.registry.aliases`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, insert, select, text
 
+from medattn.errors import MedattnError, first_line
 from medattn.feedback.schema import MAX_NAME_LENGTH, InvalidFeedback
 from medattn.feedback.store import MAX_PAGE, FeedbackStore, UtcDateTime
+
+if TYPE_CHECKING:
+    from medattn.feedback.store import FeedbackRecord
+    from medattn.registry.aliases import AliasChange
+
+log = logging.getLogger("medattn.audit")
 
 FEEDBACK = "feedback"
 PROMOTE = "promote"
@@ -167,5 +185,49 @@ def mirror_to_mlflow(event: AuditEvent, tracking_uri: str, run_id: Optional[str]
                 client.set_tag(run_id, key, value)
 
 
-__all__ = ["ACTIONS", "AuditEvent", "FEEDBACK", "PROMOTE", "RECALIBRATION", "ROLLBACK", "ensure_audit_table",
-           "list_events", "mirror_to_mlflow", "record_event"]
+def alias_change_recorder(store: FeedbackStore, actor: str, tracking_uri: str) -> Callable[["AliasChange"], None]:
+    """The registry's ``on_change`` callback: append the promote / rollback row, then mirror it.
+
+    The table is made ready here, before the caller moves any alias, so the usual failure (the
+    database unreachable) stops a promote before it starts rather than undoing it afterwards.
+    The MLflow mirror is a copy: the row is the record, so a failing mirror is logged, not undone.
+    """
+    _name_or_none(actor, "actor")
+    ensure_audit_table(store)
+
+    def record(change: "AliasChange") -> None:
+        event = record_event(store, actor, change.action, change.from_version, change.to_version, change.details,
+                             model_name=change.model_name)
+        try:
+            mirror_to_mlflow(event, tracking_uri)
+        except (MedattnError, OSError) as exc:
+            log.warning("audit event %s recorded; its MLflow mirror failed: %s", event.id, first_line(exc))
+
+    return record
+
+
+def feedback_event(store: FeedbackStore, feedback_id: str) -> Optional[AuditEvent]:
+    """The audit row of one feedback record, if written (``details.feedback_id``)."""
+    ensure_audit_table(store)
+    query = (select(audit_events).where(audit_events.c.action == FEEDBACK)
+             .where(audit_events.c.details["feedback_id"].as_string() == str(feedback_id))
+             .order_by(audit_events.c.id).limit(1))
+    with store._transaction() as conn:
+        row = conn.execute(query).first()
+    return AuditEvent(**{**row._asdict(), "id": int(row.id)}) if row is not None else None
+
+
+def record_feedback_event(store: FeedbackStore, actor: str, record: "FeedbackRecord") -> AuditEvent:
+    """Append the row of a stored feedback record, unless it has one (a retried submission)."""
+    existing = feedback_event(store, str(record.id))
+    if existing is not None:
+        return existing
+    return record_event(store, actor, FEEDBACK, None, record.model_version,
+                        {"feedback_id": str(record.id), "request_id": record.request_id,
+                         "expert_id": record.expert_id, "rois": len(record.rois)},
+                        model_name=record.model_name)
+
+
+__all__ = ["ACTIONS", "AuditEvent", "FEEDBACK", "PROMOTE", "RECALIBRATION", "ROLLBACK", "alias_change_recorder",
+           "ensure_audit_table", "feedback_event", "list_events", "mirror_to_mlflow", "record_event",
+           "record_feedback_event"]

@@ -45,7 +45,7 @@ from medattn.data.dataset import load_split
 from medattn.data.manifest import read_manifest
 from medattn.data.preprocess import normalize_tensor, pil_to_uint8_tensor, to_rgb
 from medattn.errors import DataError, first_line
-from medattn.feedback.audit import PROMOTE, RECALIBRATION, mirror_to_mlflow, record_event
+from medattn.feedback.audit import RECALIBRATION, alias_change_recorder, mirror_to_mlflow, record_event
 from medattn.feedback.export import EXPORT_FORMAT
 from medattn.feedback.schema import FeedbackNotFound
 from medattn.feedback.store import FeedbackStore
@@ -394,17 +394,14 @@ def _run(params: Params, snapshot_dir: Path, dataset_dir: Path, store: FeedbackS
                                    data_source=params.data.source, tags=version_tags)
         client.set_registered_model_alias(model_name, CHALLENGER, version)
         promoted = False
-        if eligible and rp.auto_promote:
-            promote_challenger(model_name, tracking_uri=uri)
+        if eligible and rp.auto_promote:  # audited inside the alias lock (medattn.registry.aliases)
+            promote_challenger(model_name, tracking_uri=uri, on_change=alias_change_recorder(store, actor, uri))
             promoted = True
         consumed = store.mark_consumed(pending, f"recalibration:{model_name}:v{version}") if pending else 0
         event = record_event(store, actor, RECALIBRATION, champion_info.version, version,
                              {"run_id": run_id, "eligible": eligible, "reason": reason, "feedback_ids": targets.ids,
                               "consumed": consumed, "mechanism": mechanism}, model_name=model_name)
         mirror_to_mlflow(event, uri, run_id)
-        if promoted:
-            mirror_to_mlflow(record_event(store, actor, PROMOTE, champion_info.version, version,
-                                          {"auto_promote": True, "reason": reason}, model_name=model_name), uri)
         outcome = RecalibrationResult(
             model_name=model_name, parent_version=champion_info.version, version=version, eligible=eligible,
             promoted=promoted, reason=reason, run_id=run_id, mechanism=mechanism, feedback_ids=targets.ids,

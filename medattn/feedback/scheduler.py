@@ -17,7 +17,11 @@ e.g. a CronJob with ``concurrencyPolicy: Forbid``.)
 The scheduler's state — running or not, last run and its outcome, next interval run, pending
 feedback — is written to ``<state>/recalibration/state.json`` after every check and published
 as the ``medattn_recalibration_*`` gauges (``medattn.serving.metrics``) on ``/metrics``: the
-scheduler's own (``--metrics-port``) and, read from that file, the service's.
+scheduler's own (``--metrics-port``) and the service's. The service, usually another process
+(or host, with a shared state folder), does not trust the file alone: at every scrape
+:func:`current_state` re-reads it, asks the *locks* whether a retrain or a scheduler is alive
+(a SIGKILLed one leaves ``running: true`` in the file but frees its lock) and the feedback store
+how many records wait, and recomputes the next interval run from the rules the file records.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class LockHeld(MedattnError):
     """Another process holds the lock (a retrain or a scheduler is already running)."""
 
 
+# A holder keeps the lock for minutes; a probe (is_locked: a /metrics scrape) for microseconds.
+# Waiting this long before refusing lets a check that meets a probe go ahead, and is still "at once".
+PROBE_GRACE_S = 0.5
+
+
 class ProcessLock:
     """An exclusive, non-blocking ``flock`` on a file; the file also names the holder (for messages)."""
 
@@ -55,12 +64,18 @@ class ProcessLock:
     def acquire(self) -> "ProcessLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise LockHeld(f"{self.what} is already running ({holder}; lock {self.path})") from None
+        deadline = time.monotonic() + PROBE_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise LockHeld(f"{self.what} is already running ({holder}; lock {self.path})") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode())
         self._fd = fd
@@ -80,12 +95,22 @@ class ProcessLock:
 
 
 def is_locked(path: Path) -> bool:
-    """Whether some live process holds the lock at ``path`` (probed without keeping it)."""
+    """Whether some live process holds the lock at ``path``.
+
+    Probed with a shared, non-blocking ``flock`` on a read-only descriptor, released at once: it
+    creates nothing, writes nothing, and a holder's exclusive lock makes it fail.
+    """
     try:
-        with ProcessLock(path, "probe"):
-            return False
-    except LockHeld:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
+    finally:
+        os.close(fd)  # drops the shared lock too
+    return False
 
 
 @dataclass
@@ -98,6 +123,9 @@ class SchedulerState:
     last_version: Optional[str] = None
     next_run_at: Optional[str] = None
     checked_at: Optional[str] = None
+    scheduler_up: bool = False  # a `medattn scheduler` holds its lock (set by current_state)
+    min_feedback: Optional[int] = None  # the rules of the last check, so a reader can recompute next_run_at
+    interval_hours: Optional[float] = None
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -124,7 +152,31 @@ def write_state(state_root: Path, state: SchedulerState) -> None:
     write_json_atomic(state_dir_of(state_root) / STATE_FILE, state.to_json(), sort_keys=True)
     from medattn.serving.metrics import set_recalibration_state
 
-    set_recalibration_state(state.to_json())
+    # this process's own gauges (`medattn scheduler --metrics-port`): whether a scheduler holds its lock
+    # is asked of the lock, as current_state does (held by this very process when it is the scheduler)
+    set_recalibration_state({**state.to_json(), "scheduler_up": is_locked(state_dir_of(state_root) / SCHEDULER_LOCK)})
+
+
+def current_state(state_root: Path, store: Optional[FeedbackStore] = None,
+                  now: Optional[datetime] = None) -> SchedulerState:
+    """The state as it is now, for a reader in another process (the service's ``/metrics``, the review page).
+
+    ``running`` and ``scheduler_up`` come from the locks (a killed holder frees them, so a stale
+    ``running: true`` in the file reads false); ``pending`` and the next interval run from the
+    store when given. Blocking (a file, two locks, two small queries): call it in a thread.
+    """
+    state = read_state(state_root)
+    folder = state_dir_of(state_root)
+    state.running = is_locked(folder / RETRAIN_LOCK)
+    state.scheduler_up = is_locked(folder / SCHEDULER_LOCK)
+    if store is not None:
+        state.pending = store.count_pending()
+        if state.interval_hours is not None and state.min_feedback is not None:
+            last = datetime.fromisoformat(state.last_run_at) if state.last_run_at else None
+            _, _, next_run = decide(state.pending, last, oldest_pending_at(store), now or datetime.now(timezone.utc),
+                                    state.min_feedback, timedelta(hours=state.interval_hours))
+            state.next_run_at = next_run.isoformat() if next_run and state.pending else None
+    return state
 
 
 def oldest_pending_at(store: FeedbackStore) -> Optional[datetime]:
@@ -164,6 +216,7 @@ def run_if_needed(params: Params, store: FeedbackStore, state_root: Path, job: R
     due, why, next_run = decide(pending, last, oldest_pending_at(store), now, rp.min_feedback,
                                 timedelta(hours=rp.interval_hours))
     state.pending, state.checked_at = pending, now.isoformat()
+    state.min_feedback, state.interval_hours = rp.min_feedback, float(rp.interval_hours)
     state.next_run_at = next_run.isoformat() if next_run else None
     lock_path = state_dir_of(state_root) / RETRAIN_LOCK
     if not (due or force):
@@ -219,5 +272,5 @@ def run_scheduler(params: Params, store: FeedbackStore, state_root: Path, job: R
     return checks
 
 
-__all__ = ["LockHeld", "ProcessLock", "SchedulerState", "decide", "is_locked", "read_state", "run_if_needed",
+__all__ = ["LockHeld", "ProcessLock", "SchedulerState", "current_state", "decide", "is_locked", "read_state", "run_if_needed",
            "run_scheduler", "write_state"]

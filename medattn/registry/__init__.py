@@ -29,7 +29,7 @@ _EXPORTS = {
     ),
     "registering": ("log_bundle_model", "bundle_hash", "existing_version", "BUNDLE_HASH_TAG"),
     "aliases": (
-        "HISTORY_TAG", "GateDecision", "assign_challenger_and_gate", "promote_challenger", "rollback_champion",
+        "AliasChange", "HISTORY_TAG", "GateDecision", "assign_challenger_and_gate", "promote_challenger", "rollback_champion",
     ),
     "lookup": (
         "CHAMPION", "CHALLENGER", "DEFAULT_METRIC", "ModelVersionInfo", "get_model_version_info",

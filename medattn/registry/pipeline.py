@@ -6,12 +6,18 @@ argument parser and the logic is unit-tested against a real MLflow.
 Re-running the stage for the same weights (say, only an evaluation param changed) must not
 pile up identical versions: the version already holding the bundle's content hash (see
 :mod:`~medattn.registry.registering`) is gated again instead of registering a copy.
+
+A gate that promotes is audited like any promotion (:mod:`medattn.feedback.audit`): actor
+``$MEDATTN_ACTOR`` or ``register-stage``, in the service's feedback database
+(``$MEDATTN_FEEDBACK_DB``, else ``<$MEDATTN_STATE_DIR or <repo>/.medattn>/feedback.db``, the
+service's default), so ``GET /audit`` lists it beside the promotions done by hand.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ from medattn.atomic_files import write_json_atomic
 from medattn.config import Params
 from medattn.errors import RegistryError
 from medattn.registry.aliases import assign_challenger_and_gate
+from medattn.registry.location import find_repo_root
 from medattn.registry.lookup import DEFAULT_METRIC
 from medattn.registry.registering import (
     BUNDLE_HASH_TAG,
@@ -58,12 +65,34 @@ def register_bundle(
                 metric_key=DEFAULT_METRIC, metric=macro_f1, data_source=params.data.source,
                 tags={BUNDLE_HASH_TAG: content_hash},
             )
-        decision = assign_challenger_and_gate(model_name, version, DEFAULT_METRIC, tracking_uri=ref.tracking_uri)
+        decision = _audited_gate(model_name, version, ref.tracking_uri)
         payload = {**decision.to_dict(), "run_id": run_id, "tracking_uri": ref.tracking_uri,
                    "reused_existing_version": reused}
         write_json_atomic(out_path, payload)
         log_artifacts(run_id, [out_path], ref.tracking_uri, artifact_dir="register")
     return payload
+
+
+GATE_ACTOR = "register-stage"
+
+
+def audit_db_url() -> str:
+    """Where the gate's promotions are audited: the service's feedback database (see the docstring)."""
+    explicit = os.environ.get("MEDATTN_FEEDBACK_DB")
+    if explicit:
+        return explicit
+    state = Path(os.environ.get("MEDATTN_STATE_DIR") or find_repo_root() / ".medattn")
+    return f"sqlite:///{state / 'feedback.db'}"
+
+
+def _audited_gate(model_name: str, version: str, tracking_uri: str):
+    from medattn.feedback.audit import alias_change_recorder
+    from medattn.feedback.store import FeedbackStore
+
+    with FeedbackStore(audit_db_url()) as store:
+        on_change = alias_change_recorder(store, os.environ.get("MEDATTN_ACTOR") or GATE_ACTOR, tracking_uri)
+        return assign_challenger_and_gate(model_name, version, DEFAULT_METRIC, tracking_uri=tracking_uri,
+                                          on_change=on_change)
 
 
 def read_test_macro_f1(metrics_path: Path) -> float:

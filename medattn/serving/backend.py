@@ -16,7 +16,6 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
@@ -224,16 +223,25 @@ class ServingBackend:
         await self.model_status()
         return result
 
-    async def promote(self) -> dict[str, Any]:
+    async def promote(self, actor: str) -> dict[str, Any]:
+        """Accept the challenger (audited as ``actor``, the admin token's name), then serve it."""
         from medattn.registry import promote_challenger
 
-        info = await to_thread.run_sync(partial(promote_challenger, self.settings.model_name,
-                                                tracking_uri=self.settings.tracking_uri))
-        return {"champion": info.to_dict(), "reload": await self.reload()}
+        return await self._move_champion(promote_challenger, actor)
 
-    async def rollback(self) -> dict[str, Any]:
+    async def rollback(self, actor: str) -> dict[str, Any]:
+        """Champion back to the previous version (audited as ``actor``), then serve it."""
         from medattn.registry import rollback_champion
 
-        info = await to_thread.run_sync(partial(rollback_champion, self.settings.model_name,
-                                                tracking_uri=self.settings.tracking_uri))
+        return await self._move_champion(rollback_champion, actor)
+
+    async def _move_champion(self, move, actor: str) -> dict[str, Any]:
+        from medattn.feedback.audit import alias_change_recorder
+
+        def run():
+            # the audit row is written inside the registry's alias lock; see medattn.registry.aliases
+            on_change = alias_change_recorder(self.store, actor, self.settings.tracking_uri)
+            return move(self.settings.model_name, tracking_uri=self.settings.tracking_uri, on_change=on_change)
+
+        info = await to_thread.run_sync(run)
         return {"champion": info.to_dict(), "reload": await self.reload()}

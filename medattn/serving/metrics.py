@@ -219,6 +219,9 @@ class ServingMetrics:
         self.recalibration_pending = prom.Gauge(
             "medattn_recalibration_pending_feedback", "Feedback records no recalibration has consumed yet",
             registry=reg, multiprocess_mode="livemostrecent")
+        self.recalibration_scheduler_up = prom.Gauge(
+            "medattn_recalibration_scheduler_up", "1 while a `medattn scheduler` process holds its lock, else 0",
+            registry=reg, multiprocess_mode="livemostrecent")
 
     def set_recalibration_state(self, state: dict) -> None:
         """Publish a scheduler state (``SchedulerState.to_json()``); missing times read as 0."""
@@ -227,6 +230,7 @@ class ServingMetrics:
         self.recalibration_last_success.set(1.0 if state.get("last_success") else 0.0)
         self.recalibration_next_run.set(float(state.get("next_run_at_unix") or 0.0))
         self.recalibration_pending.set(float(state.get("pending") or 0))
+        self.recalibration_scheduler_up.set(1.0 if state.get("scheduler_up") else 0.0)
 
     def record_prediction(self, *, label: str, model_version: str, confidence: float,
                           attention: np.ndarray) -> None:
@@ -333,6 +337,50 @@ def set_recalibration_state(state: dict) -> None:
 
 def record_model_reload(*, success: bool) -> None:
     get_metrics().record_model_reload(success=success)
+
+
+# -- the recalibration scheduler's state, refreshed at every scrape -------------------------------
+
+class RecalibrationStateOnScrape:
+    """ASGI middleware: before ``GET /metrics`` is answered, re-read the scheduler's state.
+
+    The scheduler is usually another process (``medattn scheduler``, a CronJob's ``medattn
+    recalibrate --if-needed``), so gauges set when *it* writes would never reach this process's
+    ``/metrics``. Instead, each scrape asks :func:`medattn.feedback.scheduler.current_state`
+    (the state file, the locks, the feedback store) and sets the gauges from the answer, so a
+    scrape sees the state as it is at that moment, a killed retrain included. ``source`` gives
+    (state folder, feedback store) of the running service; a failure to read is logged and the
+    scrape still answered with the previous values.
+    """
+
+    def __init__(self, app, source=None) -> None:
+        self.app = app
+        self.source = source or _service_state_source
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path", "").rstrip("/") == "/metrics":
+            from anyio import to_thread
+
+            await to_thread.run_sync(self.refresh)
+        await self.app(scope, receive, send)
+
+    def refresh(self) -> None:
+        import logging
+
+        from medattn.feedback.scheduler import current_state
+
+        try:
+            state_dir, store = self.source()
+            set_recalibration_state(current_state(state_dir, store).to_json())
+        except Exception as exc:  # noqa: BLE001 - a scrape must still be answered
+            logging.getLogger("medattn.serving").warning("recalibration state not refreshed: %s", exc)
+
+
+def _service_state_source():
+    import bentoml
+
+    backend = bentoml.get_current_service().backend
+    return backend.settings.state_dir, backend.store
 
 
 # -- BentoML's request metrics, labelled by route template -------------------------------------

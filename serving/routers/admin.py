@@ -28,10 +28,15 @@ async def model_status(authorization: Optional[str] = AuthHeader) -> JSONRespons
 
 
 async def _admin_action(authorization: Optional[str], action: str) -> JSONResponse:
-    """Authorise an admin, then run the backend's ``reload``, ``promote`` or ``rollback``."""
+    """Authorise an admin, then run the backend's ``reload``, ``promote`` or ``rollback``.
+
+    Promote and rollback are audited under the token's name (``GET /audit``).
+    """
     svc = backend()
-    svc.authorize(authorization, "admin")
-    return JSONResponse(await getattr(svc, action)())
+    principal = svc.authorize(authorization, "admin")
+    if action == "reload":
+        return JSONResponse(await svc.reload())
+    return JSONResponse(await getattr(svc, action)(principal.name))
 
 
 @router.post("/reload", tags=["admin"], summary="Serve the current champion now (no restart)",

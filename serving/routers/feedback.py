@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
+from medattn.errors import MedattnError, first_line
 from medattn.feedback.schema import InvalidFeedback, parse_submission
 from medattn.feedback.store import MAX_PAGE
 from medattn.serving.imaging import ImageRejected
@@ -59,9 +60,27 @@ async def post_feedback(request: Request, authorization: Optional[str] = AuthHea
         raise ImageRejected(415, f"content type {media or 'none'!r}: send application/json, or "
                                  "multipart/form-data with 'feedback' and 'image'")
     record, created = await to_thread.run_sync(svc.submit_feedback, principal, submission, image, idempotency_key)
+    await to_thread.run_sync(_audit, svc, principal.name, record)
     receipt = {"id": str(record.id), "created_at": record.created_at.isoformat(),
                "request_id": record.request_id, "image_sha256": record.image_sha256, "replayed": not created}
     return JSONResponse(receipt, status_code=201 if created else 200, headers={"Location": f"/feedback/{record.id}"})
+
+
+def _audit(svc, actor: str, record) -> None:
+    """The record's audit row, after its commit (a replayed submission finds its row, or writes it now).
+
+    The feedback is committed first: the expert's work is never lost to an audit failure. Should
+    the row then fail, the answer is a 503 that says so, and a retry with the same Idempotency-Key
+    (which stores nothing new) writes the missing row.
+    """
+    from medattn.feedback.audit import record_feedback_event
+    from medattn.serving.backend import HttpProblem
+
+    try:
+        record_feedback_event(svc.store, actor, record)
+    except MedattnError as exc:
+        raise HttpProblem(503, f"feedback {record.id} is stored, but its audit row could not be written "
+                               f"({first_line(exc)}); retry with the same Idempotency-Key to complete it") from None
 
 
 @router.get("/feedback", summary="List feedback, oldest first",

@@ -15,7 +15,10 @@ champion, recorded so feedback can cite its ``request_id``), ``POST /feedback``,
 - ``GET  /review/api/predictions/{request_id}``: a stored prediction with its image and the map
   of the version that made it, so an expert can open it later;
 - ``GET  /review/api/colormaps``: the colour maps of the project's figures, so the page's maps
-  look like ``reports/*/figures``.
+  look like ``reports/*/figures``;
+- ``GET  /review/api/scheduler``: the recalibration scheduler's state now (running or not, last
+  run and outcome, next run, pending feedback; :func:`medattn.feedback.scheduler.current_state`,
+  the same source as the ``medattn_recalibration_*`` gauges on ``/metrics``).
 
 Every API route needs an expert token (sent by the page from sessionStorage); the page's files
 need none (they hold no data).
@@ -103,6 +106,16 @@ def _colormaps() -> dict[str, list[list[int]]]:
     ramp = np.linspace(0.0, 1.0, 256)[None, :]
     return {"attention": colorize_attention(ramp)[0].astype(int).tolist(),
             "difference": colorize_attention(ramp, cmap="RdBu_r")[0].astype(int).tolist()}
+
+
+@router.get("/review/api/scheduler", summary="The recalibration scheduler's state now")
+async def scheduler_state(authorization: Optional[str] = AuthHeader) -> JSONResponse:
+    from medattn.feedback.scheduler import current_state
+
+    svc = backend()
+    svc.authorize(authorization, "expert")
+    state = await to_thread.run_sync(current_state, svc.settings.state_dir, svc.store)
+    return JSONResponse(state.to_json())
 
 
 @router.get("/review/api/whoami", summary="Whose token this is, and its role")

@@ -83,3 +83,21 @@ def test_two_stores_starting_together_create_the_schema_once(store_url: str) -> 
     finally:
         for opened in stores:
             opened.close()
+
+
+def test_audit_rows_on_postgres(store: FeedbackStore) -> None:
+    """The audit table on PostgreSQL: one row per feedback (found by its JSON detail), append-only."""
+    from sqlalchemy.exc import DatabaseError
+
+    from medattn.feedback.audit import PROMOTE, feedback_event, list_events, record_event, record_feedback_event
+
+    record, _ = store.add_feedback(submission(), SHA_A, W, H)
+    first = record_feedback_event(store, "expert", record)
+    assert record_feedback_event(store, "expert", record).id == first.id
+    assert feedback_event(store, str(record.id)).id == first.id and feedback_event(store, "unknown") is None
+    promote = record_event(store, "admin", PROMOTE, "1", "2", model_name="m")
+    assert [e.id for e in list_events(store)] == [first.id, promote.id]
+    assert [e.id for e in list_events(store, action=PROMOTE, since=promote.created_at)] == [promote.id]
+    with pytest.raises(DatabaseError, match="append-only"):
+        with store.engine.begin() as conn:
+            conn.execute(text("DELETE FROM audit_events"))

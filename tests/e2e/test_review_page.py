@@ -4,7 +4,9 @@ One real ``bentoml serve`` over a fresh MLflow registry with two versions (1 cha
 challenger). The browser signs in, uploads an image, shows the prediction, draws a rectangle
 (relevant) and a polygon (irrelevant), sends them and the test finds them through the API, shows
 the differences (target and challenger maps), accepts the challenger and rolls back, checking
-the MLflow alias and ``GET /model`` after each. Screenshots go to ``reports/review_screenshots/``
+the MLflow alias and ``GET /model`` after each, and finds the feedback, the Accept and the
+Roll back in ``GET /audit`` under the token's name; the recalibration panel shows the scheduler's
+state (pending feedback goes up once the ROIs are sent). Screenshots go to ``reports/review_screenshots/``
 (printed at the end) and are kept there as the test's artifacts.
 """
 
@@ -122,6 +124,11 @@ def test_review_page_end_to_end(served: Served, browser, upload: Path) -> None:
     page.wait_for_selector('#history tr[data-version="2"]')
     assert "challenger" in page.inner_text('#history tr[data-version="2"]')
     assert "champion" in page.inner_text('#history tr[data-version="1"]')
+    # the recalibration panel: no retrain, no scheduler process, nothing pending yet
+    page.wait_for_selector("#sched-running:text('idle')")
+    assert page.inner_text("#sched-up") == "not running"
+    assert page.inner_text("#sched-pending") == "0"
+    assert page.inner_text("#sched-next") == "– (no feedback waits)"
 
     # upload, show the prediction
     page.set_input_files("#file", str(upload))
@@ -195,6 +202,8 @@ def test_review_page_end_to_end(served: Served, browser, upload: Path) -> None:
     assert [rect["x"], rect["y"], rect["width"], rect["height"]] == pytest.approx(list(RECT), abs=1.0)
     assert poly["shape"] == "polygon" and poly["kind"] == "irrelevant"
     assert np.allclose(poly["points"], POLYGON, atol=1.0)
+    page.click("#sched-refresh")  # the new record now waits for a recalibration
+    page.wait_for_selector("#sched-pending:text('1')")
 
     # differences: target raised inside the relevant rectangle, zeroed inside the irrelevant
     # polygon, the model's map elsewhere; and the challenger's map on the same image
@@ -235,6 +244,12 @@ def test_review_page_end_to_end(served: Served, browser, upload: Path) -> None:
     assert alias_version(served, "champion") == "1"
     assert served_version(served) == "1"
     shot(page, "05_rolled_back")
+    # both moves and the feedback are in the audit trail, under the token's name
+    trail = httpx.get(f"{served.url}/audit", params={"model_name": MODEL_NAME}, headers=served.headers("admin"),
+                      timeout=30).json()["items"]
+    assert [(e["actor"], e["action"], e["from_version"], e["to_version"]) for e in trail] == [
+        ("admin", "feedback", None, "1"), ("admin", "promote", "1", "2"), ("admin", "rollback", "2", "1")]
+    assert trail[0]["details"]["feedback_id"] == feedback_id
 
     # open the stored prediction by its request id: same image, same frame, its version's map
     page.click("#show-differences")
@@ -330,10 +345,10 @@ def test_review_api_errors(served: Served) -> None:
     assert [v["version"] for v in history["versions"]] == ["2", "1"]
     assert history["versions"][1]["metric"] == pytest.approx(0.6)
     assert httpx.get(f"{url}/audit", headers=expert, timeout=30).status_code == 403
-    audit = httpx.get(f"{url}/audit", headers=served.headers("admin"), timeout=30)
-    # 200 once medattn.feedback.audit is in the build; until then a clear 404, never a 5xx
-    assert audit.status_code in (200, 404), audit.text
-    if audit.status_code == 404:
-        assert "audit table" in audit.json()["detail"]
-    else:
-        assert isinstance(audit.json()["items"], list)
+    audit = httpx.get(f"{url}/audit", params={"action": "promote"}, headers=served.headers("admin"), timeout=30)
+    assert audit.status_code == 200, audit.text
+    # the expert's refused Accept (403) left no row: only the admin's one promotion
+    assert [(e["actor"], e["to_version"]) for e in audit.json()["items"]] == [("admin", "2")]
+    bad = httpx.get(f"{url}/audit", params={"action": "delete"}, headers=served.headers("admin"), timeout=30)
+    assert bad.status_code == 422 and "action" in bad.json()["detail"]
+    assert httpx.get(f"{url}/review/api/scheduler", headers=served.headers("predict"), timeout=30).status_code == 403

@@ -9,6 +9,7 @@ showing a server path or database URL. The champion switch comes last (it change
 
 from __future__ import annotations
 
+import getpass
 import io
 import json
 import os
@@ -250,6 +251,7 @@ def test_concurrent_promote_and_rollback_from_http_and_cli_leave_the_registry_co
     params.write_text(f"mlflow:\n  tracking_uri: {uri}\n  model_name: {MODEL_NAME}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env = {k: v for k, v in env.items() if not k.startswith(("MEDATTN_TRACKING", "MLFLOW_TRACKING"))}
+    env["MEDATTN_FEEDBACK_DB"] = f"sqlite:///{hostile.state_dir / 'feedback.db'}"  # the service's audit trail
     cli = [subprocess.Popen([sys.executable, "-m", "medattn.cli", "model", action, "--params", str(params)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for action in ("promote", "rollback", "promote")]
@@ -280,6 +282,12 @@ def test_concurrent_promote_and_rollback_from_http_and_cli_leave_the_registry_co
     assert registry.get_model_version(MODEL_NAME, champion).tags.get("rolled_back") != "true"
     assert client.post("/reload", headers=admin).status_code == 200
     assert client.get("/model", headers=admin).json()["model"]["version"] == champion
+    # the audit rows, written inside the alias lock by HTTP and CLI alike, tell one unbroken story
+    trail = client.get("/audit", params={"model_name": MODEL_NAME, "limit": 1000}, headers=admin).json()["items"]
+    moves = [e for e in trail if e["action"] in ("promote", "rollback")]
+    assert moves and moves[-1]["to_version"] == champion
+    assert all(a["to_version"] == b["from_version"] for a, b in zip(moves, moves[1:], strict=False)), moves
+    assert {e["actor"] for e in moves} <= {"admin", getpass.getuser()}
 
 
 def test_no_response_showed_a_server_path_or_database_url(hostile):

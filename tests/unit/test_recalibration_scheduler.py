@@ -72,3 +72,83 @@ def test_run_if_needed_runs_once_records_state_and_refuses_a_second(tmp_path: Pa
             run_if_needed(params, store, tmp_path, job=failing_job, force=True)
         state = read_state(tmp_path)
         assert state.last_success is False and "disk full" in state.last_outcome and not state.running
+
+
+def _hold(lock: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from medattn.feedback.scheduler import ProcessLock\n"
+        f"ProcessLock({str(lock)!r}, 'x').acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_current_state_trusts_the_locks_and_the_store_not_a_stale_file(tmp_path: Path) -> None:
+    from medattn.feedback.scheduler import RETRAIN_LOCK, SCHEDULER_LOCK, SchedulerState, current_state, write_state
+
+    folder = tmp_path / "recalibration"
+    assert not is_locked(folder / RETRAIN_LOCK) and not folder.exists()  # a probe creates nothing
+    # what a SIGKILLed retrain leaves behind: "running" in the file, a free lock
+    write_state(tmp_path, SchedulerState(running=True, pending=7, last_run_at="2026-01-01T00:00:00+00:00",
+                                         last_success=True, min_feedback=10, interval_hours=24.0))
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        state = current_state(tmp_path, store, now=NOW)
+        assert (state.running, state.scheduler_up, state.pending, state.next_run_at) == (False, False, 0, None)
+        holders = [_hold(folder / RETRAIN_LOCK), _hold(folder / SCHEDULER_LOCK)]
+        try:
+            state = current_state(tmp_path, store)
+            assert state.running and state.scheduler_up
+            # the holder's own acquire goes ahead while probes come and go
+            assert is_locked(folder / RETRAIN_LOCK)
+        finally:
+            for holder in holders:
+                os.kill(holder.pid, signal.SIGKILL)
+                holder.wait(10)
+        assert not current_state(tmp_path, store).running
+        assert current_state(tmp_path, store).to_json()["last_run_at_unix"] == datetime(
+            2026, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+def test_metrics_middleware_sets_the_gauges_at_scrape_time(tmp_path: Path) -> None:
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from medattn.feedback.scheduler import SchedulerState, write_state
+    from medattn.serving.metrics import RecalibrationStateOnScrape, get_metrics
+
+    get_metrics()
+    seen: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append(scope["path"])
+
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        middleware = RecalibrationStateOnScrape(app, source=lambda: (tmp_path, store))
+        write_state(tmp_path, SchedulerState(last_run_at="2026-01-01T00:00:00+00:00", last_success=False))
+        get_metrics().set_recalibration_state({"running": True, "last_success": True})  # stale values
+        asyncio.run(middleware({"type": "http", "method": "GET", "path": "/metrics"}, None, None))
+        assert REGISTRY.get_sample_value("medattn_recalibration_running") == 0.0  # no lock is held
+        assert REGISTRY.get_sample_value("medattn_recalibration_last_success") == 0.0
+        assert REGISTRY.get_sample_value("medattn_recalibration_last_run_timestamp_seconds") == datetime(
+            2026, 1, 1, tzinfo=timezone.utc).timestamp()
+        get_metrics().set_recalibration_state({"running": True})
+        asyncio.run(middleware({"type": "http", "method": "GET", "path": "/predict"}, None, None))
+        assert REGISTRY.get_sample_value("medattn_recalibration_running") == 1.0  # other paths read nothing
+    assert seen == ["/metrics", "/predict"]
+
+
+def test_the_schedulers_own_gauges_say_it_is_up(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    from medattn.feedback.scheduler import run_scheduler
+    from medattn.serving.metrics import get_metrics
+
+    get_metrics()
+    params = Params(recalibrate=RecalibrateParams(min_feedback=1))
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        assert run_scheduler(params, store, tmp_path, job=lambda: None, poll_seconds=0, max_checks=1,
+                             log=lambda _: None) == 1
+        assert REGISTRY.get_sample_value("medattn_recalibration_scheduler_up") == 1.0  # set while it held the lock
+        run_if_needed(params, store, tmp_path, job=lambda: None)  # a one-shot check, no scheduler
+        assert REGISTRY.get_sample_value("medattn_recalibration_scheduler_up") == 0.0

@@ -383,9 +383,14 @@ def test_registered_real_bundle_loads_as_pyfunc_and_predicts_probabilities(track
         model.predict(np.zeros((1, 3, 8, 8), np.float32))
 
 
-def test_register_stage_writes_the_gate_decision(tracking_uri: str, bundle: Path, tmp_path: Path):
+def test_register_stage_writes_the_gate_decision(tracking_uri: str, bundle: Path, tmp_path: Path, monkeypatch):
     from medattn.config import MlflowParams, Params
+    from medattn.feedback.audit import list_events
+    from medattn.feedback.store import FeedbackStore
     from medattn.registry import register_bundle
+
+    monkeypatch.setenv("MEDATTN_FEEDBACK_DB", f"sqlite:///{tmp_path / 'audit.db'}")
+    monkeypatch.setenv("MEDATTN_ACTOR", "ci-pipeline")
 
     params = Params(mlflow=MlflowParams(model_name="stage-model"))
     decisions = []
@@ -403,6 +408,9 @@ def test_register_stage_writes_the_gate_decision(tracking_uri: str, bundle: Path
     assert (second["version"], second["promoted"], second["champion_after"]) == ("2", False, "1")
     assert json.loads((tmp_path / "register" / "decision.json").read_text()) == second
     assert get_model_version_info("stage-model", tracking_uri=tracking_uri).metric == 0.8
+    with FeedbackStore(f"sqlite:///{tmp_path / 'audit.db'}") as store:  # the gate's promotion is audited, once
+        assert [(e.actor, e.action, e.from_version, e.to_version) for e in list_events(store)] == [
+            ("ci-pipeline", "promote", None, "1")]
 
     (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
     with pytest.raises(RegistryError, match="'macro_f1' must be a finite number"):
@@ -410,7 +418,9 @@ def test_register_stage_writes_the_gate_decision(tracking_uri: str, bundle: Path
     assert not (tmp_path / "d.json").exists()
 
 
-def test_register_stage_reuses_the_version_of_an_identical_bundle(tracking_uri: str, bundle: Path, tmp_path: Path):
+def test_register_stage_reuses_the_version_of_an_identical_bundle(tracking_uri: str, bundle: Path, tmp_path: Path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("MEDATTN_FEEDBACK_DB", f"sqlite:///{tmp_path / 'audit.db'}")
     from medattn.config import MlflowParams, Params
     from medattn.registry import register_bundle
 

@@ -738,6 +738,24 @@ async function refreshModels() {
   $("rollback").disabled = !(history.champion_history.filter((x) => x !== champion).length);
 }
 
+// ---------------------------------------------------------------- recalibration scheduler
+
+function when(iso) { return iso ? new Date(iso).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC") : "–"; }
+
+async function refreshScheduler() {
+  let s;
+  try { s = await api("GET", "/review/api/scheduler"); }
+  catch (err) { $("sched-running").textContent = err.message; return; }
+  $("sched-running").textContent = s.running ? "running" : "idle";
+  $("sched-running").className = s.running ? "busy" : "";
+  $("sched-up").textContent = s.scheduler_up ? "up" : "not running";
+  $("sched-pending").textContent = String(s.pending);
+  const outcome = s.last_success === null ? "" : (s.last_success ? " · ok" : " · failed");
+  $("sched-last").textContent = when(s.last_run_at) + outcome + (s.last_version ? ` · v${s.last_version}` : "");
+  $("sched-last").title = s.last_outcome || "";
+  $("sched-next").textContent = !s.pending ? "– (no feedback waits)" : (s.next_run_at ? when(s.next_run_at) : "– (no scheduler check yet)");
+}
+
 function confirmDialog(title, text, okLabel) {
   return new Promise((resolve) => {
     $("confirm-title").textContent = title; $("confirm-text").textContent = text; $("confirm-ok").textContent = okLabel;
@@ -783,6 +801,7 @@ async function signIn(token) {
     state.principal = await api("GET", "/review/api/whoami");
     who.textContent = `${state.principal.name} (${state.principal.role})`; who.className = "whoami ok";
     await refreshModels();
+    await refreshScheduler();
   } catch (err) { state.principal = null; who.textContent = err.message; who.className = "whoami bad"; }
 }
 
@@ -835,6 +854,7 @@ function wire() {
   $("undo").addEventListener("click", undo); $("redo").addEventListener("click", redo);
   $("fit").addEventListener("click", fitView);
   $("accept").addEventListener("click", accept); $("rollback").addEventListener("click", rollback);
+  $("sched-refresh").addEventListener("click", refreshScheduler);
   document.querySelectorAll("#tools button").forEach((b) => b.addEventListener("click", () => setTool(b.dataset.tool)));
   document.querySelectorAll("#kinds button").forEach((b) => b.addEventListener("click", () => setKind(b.dataset.kind)));
   $("opacity").addEventListener("input", (e) => { state.opacity = e.target.value / 100; $("opacity-value").textContent = e.target.value + "%"; draw(); });
