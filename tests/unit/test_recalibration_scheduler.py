@@ -152,3 +152,20 @@ def test_the_schedulers_own_gauges_say_it_is_up(tmp_path: Path) -> None:
         assert REGISTRY.get_sample_value("medattn_recalibration_scheduler_up") == 1.0  # set while it held the lock
         run_if_needed(params, store, tmp_path, job=lambda: None)  # a one-shot check, no scheduler
         assert REGISTRY.get_sample_value("medattn_recalibration_scheduler_up") == 0.0
+
+
+def test_the_dvc_stage_takes_the_same_retrain_lock_as_the_scheduler(tmp_path: Path) -> None:
+    # A `dvc repro recalibrate` beside a scheduled retrain would fine-tune the same champion twice.
+    from medattn.feedback.scheduler import RETRAIN_LOCK, state_dir_of
+
+    repo = Path(__file__).resolve().parents[2]
+    with ProcessLock(state_dir_of(tmp_path) / RETRAIN_LOCK, "a recalibration"):
+        stage = subprocess.run(
+            [sys.executable, str(repo / "pipelines" / "recalibrate.py"), "--params", str(repo / "params.yaml"),
+             "--state-dir", str(tmp_path), "--feedback-db", f"sqlite:///{tmp_path / 'feedback.db'}",
+             "--snapshot", str(tmp_path / "no-snapshot"), "--out", str(tmp_path / "result.json")],
+            capture_output=True, text=True, cwd=repo, timeout=300)
+    assert stage.returncode == 1, stage.stderr
+    assert stage.stderr.startswith("error: a recalibration is already running (pid ")
+    assert len(stage.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "result.json").exists()
