@@ -291,6 +291,12 @@ def run_case(base: Params, cfg: ProofConfig, seed: int, model: str, work: Path, 
 
     case = work / f"{model}-seed{seed}"
     case.mkdir(parents=True, exist_ok=True)
+    done = case / "case.json"
+    if done.is_file():  # a finished case of an earlier run in the same --workdir, with the same config
+        previous = json.loads(done.read_text())
+        if previous.get("config") == asdict(cfg):
+            _log(f"{model} seed {seed}: reusing the finished case in {case}")
+            return previous["case"]
     uri = f"sqlite:///{case / 'mlflow.db'}"
     model_name = f"proof-{model.replace('_', '-')}"
     decoy_params = proof_params(base, cfg, seed, model, True, uri, model_name)
@@ -386,7 +392,7 @@ def run_case(base: Params, cfg: ProofConfig, seed: int, model: str, work: Path, 
             maps.append((name, att[0, 0].numpy()))
     figure = overlay_figure(test.stamped[example], maps, f"{model}, seed {seed}",
                             figures_dir / f"proof_{model}_seed{seed}.png")
-    return {"seed": seed, "model": model, "before": before, "after": after, "ceiling": ceiling,
+    outcome = {"seed": seed, "model": model, "before": before, "after": after, "ceiling": ceiling,
             "roi_images": len(chosen), "train_images": len(train_split.ids),
             "roi_share": len(chosen) / len(train_split.ids), "feedback_ids": [r["id"] for r in receipts],
             "champion_version": champion_version, "challenger_version": result["version"],
@@ -394,6 +400,8 @@ def run_case(base: Params, cfg: ProofConfig, seed: int, model: str, work: Path, 
                      "consumed": result["consumed"], "held_out": len(result["held_out_ids"])},
             "registered_test_macro_f1": own["macro_f1"], "figure": str(figure),
             "seconds": round(time.perf_counter() - started, 1)}
+    done.write_text(json.dumps({"config": asdict(cfg), "case": outcome}, indent=2))
+    return outcome
 
 
 def _png_bytes(image: torch.Tensor) -> bytes:
@@ -479,8 +487,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 seed, 240 images at 48 px, 4 epochs: a smoke run")
     parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml", help="base parameters file")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "proof", help="report folder")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep datasets, registries, logs here "
-                                                                    "(default: a temporary folder, removed)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep datasets, registries, logs here; finished cases with the same sizes are reused "
+                             "(default: a temporary folder, removed)")
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
                             help=f"(default {value}; --quick: {getattr(QUICK, name)})")
