@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +36,8 @@ from medattn.data.manifest import read_manifest
 from medattn.data.prepare import prepare_dataset
 from medattn.data.synthetic_fundus import decoy_box
 from medattn.feedback.schema import IRRELEVANT, RELEVANT, UNTOUCHED, feedback_map, parse_submission
-from tests.e2e.service_harness import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("n_train", [9, 10, 57, 240, 431])
