@@ -74,6 +74,11 @@ class ProofConfig:
     recal_epochs: int = 5
     recal_lr: float = 0.001
     gamma: float = 5.0
+    # the training params the figures were measured with, pinned so that a later change of the
+    # demo's params.yaml (lr, lambda, pixel_rank) does not silently change what the proof trains
+    lr: float = 0.002
+    lambda_l1: float = 0.1
+    pixel_rank: int = 0
 
 
 QUICK = ProofConfig(n_images=240, image_size=48, epochs=4, cutoff_epoch=3, recal_epochs=2)
@@ -91,9 +96,10 @@ def proof_params(base: Params, cfg: ProofConfig, seed: int, model: str, decoy: b
     return replace(
         base,
         data=replace(data, source="synthetic", image_size=cfg.image_size, synthetic=synthetic),
-        model=replace(base.model, attention=model, backbone="small_cnn", pretrained_weights=None),
+        model=replace(base.model, attention=model, backbone="small_cnn", pretrained_weights=None,
+                      pixel_rank=cfg.pixel_rank),
         train=replace(base.train, epochs=cfg.epochs, cutoff_epoch=min(cfg.cutoff_epoch, cfg.epochs), seed=seed,
-                      device="cpu"),
+                      device="cpu", lr=cfg.lr, lambda_l1=cfg.lambda_l1),
         mlflow=replace(base.mlflow, tracking_uri=tracking_uri, experiment="recalibration-proof", model_name=model_name),
         recalibrate=replace(base.recalibrate, gamma=cfg.gamma, epochs=cfg.recal_epochs, lr=cfg.recal_lr,
                             min_feedback=min_feedback, auto_promote=False),
