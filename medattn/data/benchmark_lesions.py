@@ -70,14 +70,14 @@ def sample_benchmark_lesions(grade: int, rng: np.random.Generator, anatomy: Fund
     if grade == 0:
         return lesions
     route = "mild" if grade == 1 else ("haemorrhages" if rng.random() < 0.5 else "macular")
-    n_haemorrhages = int(rng.integers(SEVERE_HAEMORRHAGES, 6)) if route == "haemorrhages" else int(rng.integers(0, 3))
+    n_haemorrhages = int(rng.integers(SEVERE_HAEMORRHAGES, 7)) if route == "haemorrhages" else int(rng.integers(0, 2))
     # exudates first: the macular rule needs room near the fovea before haemorrhages take it
     if route == "macular":
-        _add_exudates(lesions, rng, radius, near_fovea=True, count=int(rng.integers(2, 6)))
+        _add_exudates(lesions, rng, radius, near_fovea=True, count=int(rng.integers(3, 7)))
     elif rng.random() < 0.45:  # exudates outside the macula: present in mild images too
         _add_exudates(lesions, rng, radius, near_fovea=False, count=int(rng.integers(2, 6)))
     for _ in range(n_haemorrhages):
-        lesions.append(place_lesion(HAEMORRHAGE, rng, lesions, anatomy, radius=radius(0.03, 0.045),
+        lesions.append(place_lesion(HAEMORRHAGE, rng, lesions, anatomy, radius=radius(0.036, 0.05),
                               elongation=rng.uniform(0.55, 0.95), wobble=0.12, strength=rng.uniform(0.85, 1.0)))
     n_microaneurysms = int(rng.integers(2, 8)) if route != "haemorrhages" else int(rng.integers(2, 9))
     for _ in range(n_microaneurysms):
@@ -100,7 +100,7 @@ def _add_exudates(lesions: list[Lesion], rng: np.random.Generator, radius, near_
             break
         spread, theta = rng.uniform(0.0, 0.035), rng.uniform(0, 2 * np.pi)
         x, y = cx + spread * np.cos(theta), cy + spread * np.sin(theta)
-        blob_radius = radius(0.01, 0.016)
+        blob_radius = radius(0.014, 0.02)
         d = float(np.hypot(x - FOVEA_CENTRE[0], y - FOVEA_CENTRE[1]))
         inside_rule = d + blob_radius <= MACULA_RADIUS if near_fovea else d - MAX_EXTENT * blob_radius > MACULA_RADIUS + _MACULA_MARGIN
         if inside_rule and is_allowed_site(x, y, extent=MAX_EXTENT * blob_radius) and _clear_of(lesions, x, y, blob_radius):
