@@ -12,7 +12,7 @@ points at one):
   ``metrics.json`` (this script does not train: run the pipeline for that figure), and the
   ratio of the LR figure to it.
 
-    python benchmarks/benchmark_preset.py --preset benchmark --n-images 720
+    python benchmarks/benchmark_preset.py --preset benchmark --n-images 1080
     python benchmarks/benchmark_preset.py --prepared data/prepared --model-metrics reports/evaluate/metrics.json
 """
 
@@ -103,7 +103,7 @@ def _balanced_accuracy(predicted: np.ndarray, actual: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="benchmark", help="synthetic preset to generate (default: %(default)s)")
-    parser.add_argument("--n-images", type=int, default=720, help="(default: %(default)s)")
+    parser.add_argument("--n-images", type=int, default=1080, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=2024, help="data.synthetic.seed (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=96, help="generated size (default: %(default)s)")
     parser.add_argument("--prepared", type=Path, default=None, help="use this prepared dataset instead of generating")
