@@ -250,10 +250,9 @@ def in_process_call(tracking_uri: str, model_name: str, cache: Path, torch_threa
 
 def server_torch_threads(extra_env: dict[str, str]) -> int:
     """The model's intra-op threads in the server (``MEDATTN_TORCH_THREADS``; 0 = half the cores)."""
-    from medattn.serving.settings import ServingSettings
-
     configured = int(extra_env.get("MEDATTN_TORCH_THREADS", "0") or 0)
-    return ServingSettings(torch_threads=configured).runner_torch_threads
+    # as ServingSettings.runner_torch_threads
+    return configured or max(1, (os.cpu_count() or 2) // 2)
 
 
 class Server:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from anyio import to_thread
@@ -31,7 +31,7 @@ from medattn.feedback.store import FeedbackRecord, FeedbackStore
 from medattn.serving import metrics
 from medattn.serving.auth import AuthError, Principal, Role
 from medattn.serving.imaging import DecodedImage, ImageRejected, decode_image
-from medattn.serving.inference import RawPrediction, build_payload
+from medattn.serving.inference import Predictor, RawPrediction, build_payload
 from medattn.serving.prediction_log import PredictionWriter
 from medattn.serving.settings import ServingSettings
 from medattn.serving.upload_storage import stored_upload
@@ -59,6 +59,14 @@ class ModelClient(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
     async def status(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class LocalModel(Protocol):
+    """A :class:`ModelClient` that may hold the model in this process (``medattn.serving.placement``)."""
+
+    def local_predictor(self) -> Optional[Predictor]:
+        """The predictor to call directly now, or None (then ``infer`` decides where it runs)."""
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,20 @@ class ServingBackend:
         commit, :mod:`medattn.serving.prediction_log`): a ``request_id`` a client receives can
         always be cited by feedback.
         """
-        decoded = [await to_thread.run_sync(self._decode, upload, i, len(uploads)) for i, upload in enumerate(uploads)]
-        outputs = await self._infer([np.asarray(image.image) for image in decoded])
-        prepared = []
-        for upload, image, output in zip(uploads, decoded, outputs, strict=True):
-            raw = RawPrediction.from_wire(output)
-            prepared.append((raw, *await to_thread.run_sync(self._prepare, uuid.uuid4().hex, upload, image,
-                                                            raw, raw_attention)))
+        local = self.runner.local_predictor() if isinstance(self.runner, LocalModel) else None
+        if local is not None:
+            # The model is in this process: decode, model and answer in ONE trip to the thread
+            # pool instead of three (each trip is a hand-over between the event loop and a thread).
+            prepared = await to_thread.run_sync(self._predict_here, local, uploads, raw_attention)
+        else:
+            decoded = [await to_thread.run_sync(self._decode, upload, i, len(uploads))
+                       for i, upload in enumerate(uploads)]
+            outputs = await self._infer([np.asarray(image.image) for image in decoded])
+            prepared = []
+            for upload, image, output in zip(uploads, decoded, outputs, strict=True):
+                raw = RawPrediction.from_wire(output)
+                prepared.append((raw, *await to_thread.run_sync(self._prepare, uuid.uuid4().hex, upload, image,
+                                                                raw, raw_attention)))
         await asyncio.gather(*(self.writer.record(row) for _, _, row, _ in prepared))
         payloads = []
         for raw, stored, row, payload in prepared:
@@ -136,6 +151,14 @@ class ServingBackend:
             payloads.append(payload)
         self.retention.sweep_in_background()
         return payloads
+
+    def _predict_here(self, predictor: Predictor, uploads: Sequence[Upload],
+                      raw_attention: bool) -> list[tuple[RawPrediction, bytes, dict[str, Any], dict[str, Any]]]:
+        """Decode, one forward pass, then blob + row + body per image: all in the calling thread."""
+        decoded = [self._decode(upload, i, len(uploads)) for i, upload in enumerate(uploads)]
+        raws = predictor.predict([image.image for image in decoded])
+        return [(raw, *self._prepare(uuid.uuid4().hex, upload, image, raw, raw_attention))
+                for upload, image, raw in zip(uploads, decoded, raws, strict=True)]
 
     def _decode(self, upload: Upload, index: int, count: int) -> DecodedImage:
         try:
