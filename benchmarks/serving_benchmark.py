@@ -1,14 +1,25 @@
 """Served vs in-process: what does HTTP + BentoML cost per prediction?
 
-Both sides do the same work per image: decode the PNG upload, pre-process it as in training,
-run the model, colour-map the attention map back to the image's size and encode it as PNG
-(``medattn.serving``). In process, ``threads`` callers share one :class:`Predictor`; served,
-``clients`` HTTP clients post to ``/predict`` of a real ``bentoml serve`` on loopback (which
-also stores each image and prediction for feedback, as in production), with the model where
-``MEDATTN_INFERENCE`` puts it (default ``auto``; ``--server-env MEDATTN_INFERENCE=runner`` forces
-the batching runner). The two sides alternate in ``--rounds`` rounds, so both see the same load.
-Printed per concurrency level: throughput (images/s), p50 and p99 latency, and the served /
-in-process throughput ratio, then where the server placed the model.
+Both sides do the same work per image that a client gets: decode the PNG upload, pre-process it
+as in training, run the model, colour-map the attention map back to the image's size, encode it
+as PNG and the answer as JSON (``medattn.serving``). In process, ``threads`` callers share one
+:class:`Predictor`, with the intra-op thread count the server's model gets
+(``MEDATTN_TORCH_THREADS``, default half the cores); served, ``clients`` HTTP clients post to
+``/predict`` of a real ``bentoml serve`` on loopback (which also stores each image and
+prediction for feedback, as in production), with the model where ``MEDATTN_INFERENCE`` puts it
+(default ``auto``; ``--server-env MEDATTN_INFERENCE=runner`` forces the batching runner). The
+two sides alternate in ``--rounds`` rounds, so both see the same load.
+
+The HTTP clients run in this process, on the same cores as the server: their CPU (building the
+multipart body, parsing the JSON answer) is work the in-process side does not do, and it comes
+out of the server's share of the machine. So besides the throughput ratio (the figure the goal
+is stated in) the benchmark prints CPU time per image: of the in-process side, of the server's
+processes and of the clients, and the ratio in-process CPU / server CPU - what the served
+throughput would be relative to in-process if the clients ran elsewhere and the CPU were the
+only limit.
+
+Printed per concurrency level: throughput (images/s), p50 and p99 latency, CPU ms per image,
+and the ratios, then where the server placed the model and the load average before and after.
 
 By default a model is built at random (``small_cnn`` + global attention, ``--model-size`` px)
 and registered as champion in a throw-away MLflow database, so the benchmark needs no setup;
@@ -16,6 +27,7 @@ and registered as champion in a throw-away MLflow database, so the benchmark nee
 
     python benchmarks/serving_benchmark.py                    # 1 and 8 clients
     python benchmarks/serving_benchmark.py --clients 1 4 8 --requests 400
+    python benchmarks/serving_benchmark.py --clients 8 --server-env MEDATTN_API_WORKERS=1
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import secrets
 import statistics
 import sys
@@ -52,6 +65,8 @@ class Level:
     throughput: float
     p50_ms: float
     p99_ms: float
+    cpu_ms: float  # CPU per image of the side's own work: in-process callers, or the server's processes
+    client_cpu_ms: float  # CPU per image of the HTTP clients (0 in process)
 
 
 def parse_args() -> argparse.Namespace:
@@ -115,11 +130,13 @@ def register_random_model(workdir: Path, image_size: int, backbone: str, images:
 
 
 def measure(call: Callable[[bytes], None], images: list[bytes], concurrency: int, n_requests: int,
-            n_warmup: int) -> tuple[float, list[float]]:
-    """(images per second, per-request latencies in seconds) with ``concurrency`` callers.
+            n_warmup: int, cpu_clock: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0),
+            ) -> tuple[float, list[float], tuple[float, float]]:
+    """(images/s, per-request latencies in s, CPU seconds spent) with ``concurrency`` callers.
 
     The warm-up runs on the same threads at the same concurrency, so connections, thread-local
-    clients and the server's thread pools exist before the clock starts.
+    clients and the server's thread pools exist before the clocks start; ``cpu_clock`` is read
+    around the timed requests only.
     """
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
 
@@ -146,40 +163,79 @@ def measure(call: Callable[[bytes], None], images: list[bytes], concurrency: int
             return count / (time.perf_counter() - started), latencies
 
         run(max(n_warmup, concurrency))
-        return run(n_requests)
+        before = cpu_clock()
+        throughput, latencies = run(n_requests)
+        after = cpu_clock()
+        return throughput, latencies, (after[0] - before[0], after[1] - before[1])
 
 
-def measure_interleaved(calls: dict[str, Callable[[bytes], None]], images: list[bytes], concurrency: int,
+def own_cpu_seconds() -> float:
+    """CPU time of this process so far, all threads (the in-process callers, or the HTTP clients)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Side:
+    """One way of predicting: the call, and the CPU clock of whatever serves it besides this process."""
+
+    call: Callable[[bytes], None]
+    server_cpu_seconds: Callable[[], float] | None = None  # None: everything runs in this process
+
+    def cpu_clock(self) -> tuple[float, float]:
+        """(this process's CPU seconds, the server's) so far."""
+        return own_cpu_seconds(), self.server_cpu_seconds() if self.server_cpu_seconds else 0.0
+
+
+def measure_interleaved(sides: dict[str, Side], images: list[bytes], concurrency: int,
                         args: argparse.Namespace) -> list[Level]:
     """Each mode in turn, ``--rounds`` times (A B A B ...), pooled per mode.
 
     Other work on a shared machine comes and goes; measured one after the other, the two sides
     would see different loads and the ratio would mostly measure that. Interleaved, both sample
-    the same stretch of time.
+    the same stretch of time. CPU time is taken around the timed requests of each round only.
     """
     per_round = max(concurrency, args.requests // args.rounds)
-    seconds = dict.fromkeys(calls, 0.0)
-    latencies: dict[str, list[float]] = {mode: [] for mode in calls}
+    seconds = dict.fromkeys(sides, 0.0)
+    own_cpu = dict.fromkeys(sides, 0.0)
+    server_cpu = dict.fromkeys(sides, 0.0)
+    latencies: dict[str, list[float]] = {mode: [] for mode in sides}
     for round_index in range(args.rounds):
-        for mode, call in calls.items():
-            throughput, round_latencies = measure(call, images, concurrency, per_round,
-                                                  args.warmup if round_index == 0 else 0)
+        for mode, side in sides.items():
+            throughput, round_latencies, (own, server) = measure(
+                side.call, images, concurrency, per_round, args.warmup if round_index == 0 else 0, side.cpu_clock)
+            own_cpu[mode] += own
+            server_cpu[mode] += server
             seconds[mode] += per_round / throughput
             latencies[mode] += round_latencies
-    return [level(mode, concurrency, (len(latencies[mode]) / seconds[mode], latencies[mode])) for mode in calls]
+    rows = []
+    for mode, side in sides.items():
+        count = len(latencies[mode])
+        if side.server_cpu_seconds:  # served: the server's own work, and the clients' beside it
+            cpu_ms, client_ms = 1000 * server_cpu[mode] / count, 1000 * own_cpu[mode] / count
+        else:
+            cpu_ms, client_ms = 1000 * own_cpu[mode] / count, 0.0
+        rows.append(level(mode, concurrency, count / seconds[mode], latencies[mode], cpu_ms, client_ms))
+    return rows
 
 
-def level(mode: str, concurrency: int, result: tuple[float, list[float]]) -> Level:
-    throughput, latencies = result
+def level(mode: str, concurrency: int, throughput: float, latencies: list[float], cpu_ms: float,
+          client_cpu_ms: float) -> Level:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-    return Level(mode, concurrency, throughput, statistics.median(ordered) * 1000, p99 * 1000)
+    return Level(mode, concurrency, throughput, statistics.median(ordered) * 1000, p99 * 1000, cpu_ms, client_cpu_ms)
 
 
-def in_process_call(tracking_uri: str, model_name: str, cache: Path) -> Callable[[bytes], None]:
+def in_process_call(tracking_uri: str, model_name: str, cache: Path, torch_threads: int) -> Callable[[bytes], None]:
+    """Decode, model, attention PNG and the JSON body: what a client of /predict receives."""
+    import torch
+
     from medattn.serving.imaging import decode_image
     from medattn.serving.inference import ChampionSlot, build_payload
 
+    # The intra-op threads the server gives its model: with more, this side would get more of
+    # the machine per image than the server may take, and the ratio would measure that.
+    torch.set_num_threads(torch_threads)
     slot = ChampionSlot(model_name, tracking_uri, cache)
     slot.refresh()
     predictor = slot.current
@@ -187,9 +243,16 @@ def in_process_call(tracking_uri: str, model_name: str, cache: Path) -> Callable
     def call(data: bytes) -> None:
         image = decode_image(data, "image/png")
         [raw] = predictor.predict([image.image])
-        build_payload(raw, image.width, image.height, "in-process")
+        json.dumps(build_payload(raw, image.width, image.height, "in-process"))
 
     return call
+
+
+def server_torch_threads(extra_env: dict[str, str]) -> int:
+    """The model's intra-op threads in the server (``MEDATTN_TORCH_THREADS``; 0 = half the cores)."""
+    configured = int(extra_env.get("MEDATTN_TORCH_THREADS", "0") or 0)
+    # as ServingSettings.runner_torch_threads
+    return configured or max(1, (os.cpu_count() or 2) // 2)
 
 
 class Server:
@@ -217,6 +280,17 @@ class Server:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the arbiter and every worker so far (the model runner included)."""
+        total = 0.0
+        for proc in self.process.processes():
+            try:
+                times = proc.cpu_times()
+            except Exception:  # noqa: BLE001 - a process that just exited: nothing more to count
+                continue
+            total += times.user + times.system
+        return total
 
     def mean_batch_size(self) -> float | None:
         """Mean size of the batches the runner's dispatcher formed, from BentoML's own histogram."""
@@ -272,11 +346,13 @@ def main() -> None:
             uri, name = register_random_model(workdir, args.model_size, args.backbone, images)
         extra_env = dict(item.split("=", 1) for item in args.server_env)
         server = Server(workdir, uri, name, args.port, extra_env)
+        load_before = os.getloadavg()
         try:
             server.wait_ready()
-            calls = {"in-process": in_process_call(uri, name, workdir / "models"), "served": server.client_call()}
+            sides = {"in-process": Side(in_process_call(uri, name, workdir / "models", server_torch_threads(extra_env))),
+                     "served": Side(server.client_call(), server.cpu_seconds)}
             levels = [row for concurrency in args.clients
-                      for row in measure_interleaved(calls, images, concurrency, args)]
+                      for row in measure_interleaved(sides, images, concurrency, args)]
             batch_size = server.mean_batch_size()
             placement = server.placement()
         except RuntimeError:
@@ -285,22 +361,30 @@ def main() -> None:
             raise
         finally:
             server.stop()
-    report(levels, args, batch_size, placement)
+    report(levels, args, batch_size, placement, (load_before, os.getloadavg()))
 
 
-def report(levels: list[Level], args: argparse.Namespace, batch_size: float | None, placement: dict | None) -> None:
+def report(levels: list[Level], args: argparse.Namespace, batch_size: float | None, placement: dict | None,
+           load: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     print(f"{args.requests} predictions per row ({args.rounds} interleaved rounds), "
           f"{args.image_px}x{args.image_px} PNG uploads, model "
           f"{args.backbone if not args.tracking_uri else args.model_name} at {args.model_size} px, "
-          f"{os.cpu_count()} CPU cores")
-    print(f"{'clients':>7}  {'mode':<10}  {'images/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}")
+          f"{os.cpu_count()} CPU cores, server env {' '.join(args.server_env) or '(defaults)'}")
+    print(f"load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load[0])}, "
+          f"after {'/'.join(f'{x:.2f}' for x in load[1])}")
+    print(f"{'clients':>7}  {'mode':<10}  {'images/s':>9}  {'p50 ms':>8}  {'p99 ms':>8}  {'CPU ms/img':>10}  "
+          f"{'client CPU ms':>13}")
     for row in sorted(levels, key=lambda r: (r.concurrency, r.mode)):
-        print(f"{row.concurrency:>7}  {row.mode:<10}  {row.throughput:>9.1f}  {row.p50_ms:>8.1f}  {row.p99_ms:>8.1f}")
-    ratios = {}
+        print(f"{row.concurrency:>7}  {row.mode:<10}  {row.throughput:>9.1f}  {row.p50_ms:>8.1f}  {row.p99_ms:>8.1f}  "
+              f"{row.cpu_ms:>10.2f}  {row.client_cpu_ms:>13.2f}")
+    ratios, cpu_ratios = {}, {}
     for concurrency in args.clients:
         by_mode = {r.mode: r for r in levels if r.concurrency == concurrency}
-        ratios[concurrency] = by_mode["served"].throughput / by_mode["in-process"].throughput
-        print(f"served / in-process throughput at {concurrency} client(s): {ratios[concurrency]:.2f}")
+        served, local = by_mode["served"], by_mode["in-process"]
+        ratios[concurrency] = served.throughput / local.throughput
+        cpu_ratios[concurrency] = local.cpu_ms / served.cpu_ms if served.cpu_ms else float("nan")
+        print(f"served / in-process throughput at {concurrency} client(s): {ratios[concurrency]:.2f}  "
+              f"(CPU per image, in-process / server: {cpu_ratios[concurrency]:.2f})")
     if placement is not None:
         chosen = placement.get("placement") or {}
         print(f"server inference mode {placement['mode']}: model served {placement['where']}"
@@ -311,6 +395,9 @@ def report(levels: list[Level], args: argparse.Namespace, batch_size: float | No
         args.json.write_text(json.dumps({"levels": [row.__dict__ for row in levels],
                                          "mean_batch_size": batch_size,
                                          "ratios": {str(k): v for k, v in ratios.items()},
+                                         "cpu_ratios": {str(k): v for k, v in cpu_ratios.items()},
+                                         "load_average": {"before": load[0], "after": load[1]},
+                                         "server_env": args.server_env,
                                          "placement": placement}, indent=2))
 
 

@@ -328,6 +328,26 @@ class FeedbackStore:
                                        "for another prediction") from None
             return existing
 
+    def record_predictions(self, rows: Sequence[Mapping[str, Any]]) -> list[PredictionRecord]:
+        """Several predictions in ONE transaction (one commit, one fsync): the serving group commit.
+
+        Each row has the keyword arguments of :meth:`record_prediction`. All or none are stored;
+        a duplicate ``request_id`` fails the whole group with ``IntegrityError``, after which the
+        caller records the rows one by one (:meth:`record_prediction` sorts out which one clashed).
+        """
+        checked = []
+        for row in rows:
+            if not 0 < len(row["request_id"]) <= 128:
+                raise InvalidFeedback(f"request_id must be 1 to 128 characters, got {len(row['request_id'])}")
+            _check_image(row["image_sha256"], row["width"], row["height"])
+            checked.append({**row, "probabilities": json.loads(json.dumps(row["probabilities"], default=float))})
+        if not checked:
+            return []
+        with self._transaction(write=True) as conn:
+            created_at = datetime.now(timezone.utc)
+            conn.execute(insert(predictions), [{"created_at": created_at, **row} for row in checked])
+        return [PredictionRecord(created_at=created_at, **row) for row in checked]
+
     def expire_uncited_predictions(self, older_than: datetime, delete_blob: Callable[[str], None],
                                    batch_size: int = 500) -> tuple[int, int]:
         """Forget predictions made before ``older_than`` that no feedback cites, with their images.

@@ -12,11 +12,12 @@ handler maps each one to a 4xx/503 JSON body without a lookup table of messages.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from anyio import to_thread
@@ -29,7 +30,8 @@ from medattn.feedback.store import FeedbackRecord, FeedbackStore
 from medattn.serving import metrics
 from medattn.serving.auth import AuthError, Principal, Role
 from medattn.serving.imaging import DecodedImage, ImageRejected, decode_image
-from medattn.serving.inference import RawPrediction, build_payload
+from medattn.serving.inference import Predictor, RawPrediction, build_payload
+from medattn.serving.prediction_log import PredictionWriter
 from medattn.serving.settings import ServingSettings
 from medattn.serving.upload_storage import stored_upload
 
@@ -56,6 +58,14 @@ class ModelClient(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
     async def status(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class LocalModel(Protocol):
+    """A :class:`ModelClient` that may hold the model in this process (``medattn.serving.placement``)."""
+
+    def local_predictor(self) -> Optional[Predictor]:
+        """The predictor to call directly now, or None (then ``infer`` decides where it runs)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class ServingBackend:
         self.runner = runner
         self.auth = settings.authenticator()
         self.store = FeedbackStore(settings.feedback_db)
+        self.writer = PredictionWriter(self.store)
         self.blobs = BlobStore(settings.blob_dir)
         self.retention = UploadRetention(self.store, self.blobs, settings.upload_retention_hours,
                                          settings.retention_sweep_seconds)
@@ -95,6 +106,7 @@ class ServingBackend:
         self.metrics.set_feedback_waiting(self.store.count_pending())
 
     def close(self) -> None:
+        self.writer.close()  # commits what is queued first
         self.store.close()
 
     # -- auth ----------------------------------------------------------------------------------
@@ -105,19 +117,47 @@ class ServingBackend:
     # -- predictions ---------------------------------------------------------------------------
 
     async def predict(self, uploads: Sequence[Upload], raw_attention: bool = False) -> list[dict[str, Any]]:
-        """Decode, run one batch through the runner, remember each prediction, build the bodies."""
-        decoded = [await to_thread.run_sync(self._decode, upload, i, len(uploads)) for i, upload in enumerate(uploads)]
-        outputs = await self._infer([np.asarray(image.image) for image in decoded])
+        """Decode, run one batch through the model, remember each prediction, build the bodies.
+
+        The answer waits until every prediction of the request is committed to the store (group
+        commit, :mod:`medattn.serving.prediction_log`): a ``request_id`` a client receives can
+        always be cited by feedback.
+        """
+        local = self.runner.local_predictor() if isinstance(self.runner, LocalModel) else None
+        if local is not None:
+            # The model is in this process: decode, model and answer in ONE trip to the thread
+            # pool instead of three (each trip is a hand-over between the event loop and a thread).
+            prepared = await to_thread.run_sync(self._predict_here, local, uploads, raw_attention)
+        else:
+            decoded = [await to_thread.run_sync(self._decode, upload, i, len(uploads))
+                       for i, upload in enumerate(uploads)]
+            outputs = await self._infer([np.asarray(image.image) for image in decoded])
+            prepared = []
+            for upload, image, output in zip(uploads, decoded, outputs, strict=True):
+                raw = RawPrediction.from_wire(output)
+                prepared.append((raw, *await to_thread.run_sync(self._prepare, uuid.uuid4().hex, upload, image,
+                                                                raw, raw_attention)))
+        await asyncio.gather(*(self.writer.record(row) for _, _, row, _ in prepared))
         payloads = []
-        for upload, image, output in zip(uploads, decoded, outputs, strict=True):
-            raw = RawPrediction.from_wire(output)
-            request_id = uuid.uuid4().hex
-            payloads.append(await to_thread.run_sync(self._answer, request_id, upload, image, raw, raw_attention))
+        for raw, stored, row, payload in prepared:
+            if not self.blobs.exists(row["image_sha256"]):
+                # A retention sweep deleted these bytes (an older, uncited prediction of the same
+                # image) between the blob write and the commit: store them again.
+                await to_thread.run_sync(self.blobs.put, stored)
             self.metrics.record_prediction(label=raw.label, model_version=raw.model.version,
                                            confidence=raw.confidence, attention=raw.attention)
             self.metrics.set_serving_model(raw.model.name, raw.model.version)
+            payloads.append(payload)
         self.retention.sweep_in_background()
         return payloads
+
+    def _predict_here(self, predictor: Predictor, uploads: Sequence[Upload],
+                      raw_attention: bool) -> list[tuple[RawPrediction, bytes, dict[str, Any], dict[str, Any]]]:
+        """Decode, one forward pass, then blob + row + body per image: all in the calling thread."""
+        decoded = [self._decode(upload, i, len(uploads)) for i, upload in enumerate(uploads)]
+        raws = predictor.predict([image.image for image in decoded])
+        return [(raw, *self._prepare(uuid.uuid4().hex, upload, image, raw, raw_attention))
+                for upload, image, raw in zip(uploads, decoded, raws, strict=True)]
 
     def _decode(self, upload: Upload, index: int, count: int) -> DecodedImage:
         try:
@@ -134,21 +174,19 @@ class ServingBackend:
             raise HttpProblem(503, f"no model loaded: {failed}")
         return outputs
 
-    def _answer(self, request_id: str, upload: Upload, image: DecodedImage, raw: RawPrediction,
-                raw_attention: bool) -> dict[str, Any]:
-        """Remember the prediction, then build its body (one trip to the thread pool for both)."""
-        self._remember(request_id, upload.data, image, raw)
-        return build_payload(raw, image.width, image.height, request_id, raw_attention)
+    def _prepare(self, request_id: str, upload: Upload, image: DecodedImage, raw: RawPrediction,
+                 raw_attention: bool) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+        """(stored image bytes, prediction row, response body): one trip to the thread pool.
 
-    def _remember(self, request_id: str, data: bytes, image: DecodedImage, raw: RawPrediction) -> None:
-        """Keep the image (as the upload policy says) and the prediction, so feedback can cite request_id."""
-        stored = self._stored(data, image)
-        sha256 = self.blobs.put(stored)
-        self.store.record_prediction(
-            request_id=request_id, image_sha256=sha256, width=image.width, height=image.height,
-            model_name=raw.model.name, model_version=raw.model.version, label=raw.label,
-            probabilities={n: float(p) for n, p in zip(raw.class_names, raw.probabilities, strict=True)})
-        self.blobs.put(stored)  # no-op, unless a retention sweep deleted these bytes meanwhile
+        The image blob is written (durably) here, before its row is queued for the commit:
+        a committed row never cites a missing image.
+        """
+        stored = self._stored(upload.data, image)
+        row = dict(request_id=request_id, image_sha256=self.blobs.put(stored), width=image.width,
+                   height=image.height, model_name=raw.model.name, model_version=raw.model.version,
+                   label=raw.label,
+                   probabilities={n: float(p) for n, p in zip(raw.class_names, raw.probabilities, strict=True)})
+        return stored, row, build_payload(raw, image.width, image.height, request_id, raw_attention)
 
     def _stored(self, data: bytes, image: DecodedImage) -> bytes:
         return stored_upload(data, image, self.settings.stored_upload, self.settings.strip_metadata)

@@ -195,6 +195,15 @@ class InProcessModel:
     def close(self) -> None:
         self.follower.stop()
 
+    def local_predictor(self) -> Optional[Predictor]:
+        """The model this process holds now (None: still loading, failed, or served by the runner).
+
+        The backend calls it directly in a worker thread, decode and answer included
+        (:meth:`medattn.serving.backend.ServingBackend.predict`); the one reference read here is
+        the model of the whole request, even if a reload lands meanwhile.
+        """
+        return self.follower.slot.current
+
     async def infer(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         predictor = self.follower.slot.current  # one model for the whole request, even if a reload lands
         if predictor is None:

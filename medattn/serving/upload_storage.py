@@ -5,7 +5,11 @@ Feedback needs the image the expert drew on, in the frame the model saw (see
 
 - ``reencoded`` (default): a lossless PNG of the decoded frame. It has no metadata at all (no
   EXIF, no text chunks, no DICOM header), no bytes after the image's end, and is exactly the
-  pixels the attention map and the ROIs refer to.
+  pixels the attention map and the ROIs refer to. An upload that already is such a PNG (8-bit
+  RGB, one frame, shown as stored) is not compressed again: its pixel chunks (``IHDR``,
+  ``IDAT``, ``IEND``) are kept and every other chunk dropped (:func:`png_pixel_chunks`), which
+  decodes to the same pixels. Re-compressing took about a third of the API process's CPU per
+  prediction (benchmarks/serving_benchmark.py, 256 x 256 uploads).
 - ``original``: the uploaded file, cut at the image's end (PNG ``IEND``, JPEG ``EOI``) so junk
   appended to it is not kept. With ``strip_metadata`` (default true) PNG text/EXIF/time chunks
   and JPEG EXIF/XMP/IPTC/comment segments are dropped and a DICOM file is de-identified (patient
@@ -28,6 +32,11 @@ STORED_UPLOAD_POLICIES: tuple[str, ...] = ("reencoded", "original")
 BLOB_PNG_COMPRESS_LEVEL = 3
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The chunks a PNG needs to carry its pixels (8-bit RGB: no palette, no transparency key).
+_PNG_PIXEL_CHUNKS = {b"IHDR", b"IDAT", b"IEND"}
+_PNG_RGB_COLOUR_TYPE = 2
+# Chunks that change which pixels a decoder produces: with one of them, re-encode instead.
+_PNG_PIXEL_CHANGING_CHUNKS = {b"PLTE", b"tRNS", b"acTL", b"fcTL", b"fdAT"}
 # Ancillary PNG chunks that can carry who/where/when: text, EXIF, modification time.
 _PNG_IDENTIFYING_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
 # JPEG segments that carry metadata rather than pixels: APP1 (EXIF, XMP), APP12, APP13 (IPTC), COM.
@@ -56,6 +65,10 @@ def stored_upload(data: bytes, decoded: DecodedImage, policy: str = "reencoded",
             return dicom_without_trailer(data, deidentify=strip_metadata)
         if decoded.format == "TIFF" and not strip_metadata:
             return data
+    if decoded.format == "PNG" and decoded.frame_is_stored_pixels:
+        pixels_only = png_pixel_chunks(data)
+        if pixels_only is not None:
+            return pixels_only
     buffer = io.BytesIO()
     decoded.image.save(buffer, format="PNG", compress_level=BLOB_PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
@@ -73,6 +86,38 @@ def png_without_trailer(data: bytes, strip_metadata: bool) -> bytes:
         pos = end
         if kind == b"IEND":
             break
+    return b"".join(out)
+
+
+def png_pixel_chunks(data: bytes) -> bytes | None:
+    """The PNG reduced to ``IHDR``, ``IDAT`` and ``IEND`` when that is a complete 8-bit RGB image.
+
+    None when the file is anything else (palette, grey, 16-bit, alpha, a transparency key, an
+    animation, no ``IEND``): then the caller re-encodes the decoded frame. The ``IDAT`` bytes are
+    the upload's, already decoded (and CRC-checked by Pillow) once, so the result decodes to the
+    same pixels; no ancillary chunk (text, EXIF, time, colour profile, private chunks) survives.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    out, pos, complete = [_PNG_SIGNATURE], len(_PNG_SIGNATURE), False
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > len(data) or kind in _PNG_PIXEL_CHANGING_CHUNKS:
+            return None
+        if kind == b"IHDR":
+            # width, height (4 + 4), bit depth, colour type: 8-bit truecolour only.
+            if length != 13 or data[pos + 16] != 8 or data[pos + 17] != _PNG_RGB_COLOUR_TYPE:
+                return None
+        if kind in _PNG_PIXEL_CHUNKS:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            complete = True
+            break
+    if not complete or len(out) < 4 or out[1][4:8] != b"IHDR":  # signature, IHDR, >= 1 IDAT, IEND
+        return None
     return b"".join(out)
 
 

@@ -10,7 +10,12 @@ from PIL import Image, PngImagePlugin
 
 from medattn.serving import imaging
 from medattn.serving.imaging import ImageLimits, decode_image
-from medattn.serving.upload_storage import jpeg_without_trailer, png_without_trailer, stored_upload
+from medattn.serving.upload_storage import (
+    jpeg_without_trailer,
+    png_pixel_chunks,
+    png_without_trailer,
+    stored_upload,
+)
 from tests.unit.test_imaging import dicom_bytes
 
 JUNK = b"TRAILING-JUNK" * 100
@@ -106,3 +111,71 @@ def test_jpeg_end_is_found_past_ff_d9_inside_an_embedded_thumbnail():
     data = main.getvalue()
     assert jpeg_without_trailer(data + JUNK, strip_metadata=False) == data
     assert png_without_trailer(png_with_text(), strip_metadata=False).endswith(b"IEND\xaeB`\x82")
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(kind, payload) of every chunk of a PNG, in order."""
+    import struct
+
+    chunks, pos = [], 8
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def rgb_png_with_every_kind_of_metadata() -> bytes:
+    """8-bit RGB with text, EXIF, a colour profile chunk, gamma, a private chunk and a trailer."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Patient", SECRET)
+    info.add_itxt("Comment", SECRET)
+    info.add(b"gAMA", (45455).to_bytes(4, "big"))
+    info.add(b"prVt", SECRET.encode())  # a private ancillary chunk
+    exif = Image.Exif()
+    exif[0x013B] = SECRET
+    buffer = io.BytesIO()
+    noise(64, 40).save(buffer, format="PNG", pnginfo=info, exif=exif.tobytes(), optimize=False)
+    return buffer.getvalue() + JUNK
+
+
+def test_reencoded_rgb_png_keeps_its_own_pixel_chunks_and_nothing_else():
+    data = rgb_png_with_every_kind_of_metadata()
+    decoded = decode_image(data)
+    kept = stored_upload(data, decoded, "reencoded")
+    assert SECRET.encode() not in kept and JUNK[:13] not in kept
+    assert [kind for kind, _ in png_chunks(kept)] == [b"IHDR", b"IDAT", b"IEND"]
+    # Not compressed again: the compressed pixel data is the upload's own.
+    upload_idat = b"".join(p for kind, p in png_chunks(data) if kind == b"IDAT")
+    assert b"".join(p for kind, p in png_chunks(kept) if kind == b"IDAT") == upload_idat
+    assert np.array_equal(np.asarray(decode_image(kept).image), np.asarray(decoded.image))
+
+
+def _png(image: Image.Image, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **params)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _png(noise().convert("P")),                      # palette
+    lambda: _png(noise().convert("L")),                      # grey
+    lambda: _png(noise().convert("RGBA")),                   # alpha
+    lambda: _png(noise(), transparency=(0, 0, 0)),           # RGB with a transparency key (tRNS)
+    lambda: _png(Image.fromarray(np.arange(48 * 32, dtype=np.uint16).reshape(32, 48) * 40)),  # 16-bit
+    lambda: _png(noise(), save_all=True, append_images=[noise(48, 32).rotate(90)]),  # animated
+])
+def test_other_pngs_are_reencoded_as_rgb_of_the_frame(make):
+    data = make()
+    assert png_pixel_chunks(data) is None
+    decoded = decode_image(data)
+    kept = stored_upload(data, decoded, "reencoded")
+    assert Image.open(io.BytesIO(kept)).mode == "RGB"
+    assert np.array_equal(np.asarray(decode_image(kept).image), np.asarray(decoded.image))
+
+
+def test_pixel_chunks_refuse_a_png_cut_before_its_end():
+    data = _png(noise())
+    assert png_pixel_chunks(data) is not None
+    assert png_pixel_chunks(data[:-12]) is None  # no IEND
+    assert png_pixel_chunks(data[:40]) is None  # cut inside IDAT

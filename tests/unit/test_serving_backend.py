@@ -1,0 +1,118 @@
+"""ServingBackend.predict: the same answers whether the model is in this process or behind a runner,
+and every answered request_id already stored (row and image) when the answer is returned."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+import anyio
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import text
+from test_inference import tiny_model
+
+from medattn.serving.backend import ServingBackend, Upload
+from medattn.serving.imaging import ImageRejected
+from medattn.serving.inference import ModelRef, Predictor
+from medattn.serving.settings import ServingSettings
+
+
+def png(seed: int, width: int = 40, height: int = 30) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LocalClient:
+    """The in-process model client: ``local_predictor`` is what the backend calls directly."""
+
+    def __init__(self, predictor: Optional[Predictor]) -> None:
+        self.predictor = predictor
+        self.infer_calls = 0
+
+    def local_predictor(self) -> Optional[Predictor]:
+        return self.predictor
+
+    async def infer(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        self.infer_calls += 1
+        return [raw.to_wire() for raw in self.predictor.predict(images)]
+
+    async def reload(self) -> dict[str, Any]:
+        return {"changed": False}
+
+    async def status(self) -> dict[str, Any]:
+        return {"loaded": True}
+
+
+class RunnerOnly(LocalClient):
+    """A runner client: everything goes through infer (a protocol member set to None is absent)."""
+
+    local_predictor = None  # type: ignore[assignment]
+
+
+@pytest.fixture
+def predictor() -> Predictor:
+    model, spec = tiny_model()
+    return Predictor(model, spec, ModelRef("tiny", "7"))
+
+
+def backend_with(client: Any, tmp_path: Path) -> ServingBackend:
+    settings = ServingSettings(tracking_uri="sqlite:///unused.db", model_name="tiny", state_dir=tmp_path,
+                               feedback_db=f"sqlite:///{tmp_path / 'feedback.db'}", blob_dir=tmp_path / "blobs",
+                               model_cache_dir=tmp_path / "cache", poll_seconds=0, open_predict=True)
+    return ServingBackend(settings, client)
+
+
+def answers_and_storage(client: Any, tmp_path: Path, uploads: list[Upload]) -> tuple[list[dict], ServingBackend]:
+    backend = backend_with(client, tmp_path)
+    payloads = anyio.run(backend.predict, uploads)
+    # Checked before close(): nothing may still be waiting in the writer's queue.
+    for payload in payloads:
+        record = backend.store.get_prediction(payload["request_id"])
+        assert record.label == payload["label"]
+        assert backend.blobs.exists(record.image_sha256)
+    return payloads, backend
+
+
+def test_in_process_and_runner_paths_answer_alike_and_store_before_answering(predictor, tmp_path):
+    uploads = [Upload(png(seed), "image/png", "images") for seed in range(3)]
+    local = LocalClient(predictor)
+    here, backend = answers_and_storage(local, tmp_path / "here", uploads)
+    backend.close()
+    assert local.infer_calls == 0  # the local path never goes through infer
+    runner = RunnerOnly(predictor)
+    there, backend = answers_and_storage(runner, tmp_path / "runner", uploads)
+    backend.close()
+    assert runner.infer_calls == 1
+    strip = [{k: v for k, v in p.items() if k != "request_id"} for p in here]
+    assert strip == [{k: v for k, v in p.items() if k != "request_id"} for p in there]
+    assert len({p["request_id"] for p in here + there}) == 6
+
+
+def test_a_process_without_its_model_yet_goes_through_infer(tmp_path):
+    client = LocalClient(None)
+    backend = backend_with(client, tmp_path)
+
+    async def infer(images):
+        client.infer_calls += 1
+        return [{"error": "the champion model is still loading"} for _ in images]
+
+    client.infer = infer  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="no model loaded"):
+        anyio.run(backend.predict, [Upload(png(0), "image/png")])
+    assert client.infer_calls == 1
+    backend.close()
+
+
+def test_a_bad_image_in_process_is_refused_and_nothing_is_stored(predictor, tmp_path):
+    backend = backend_with(LocalClient(predictor), tmp_path)
+    with pytest.raises(ImageRejected, match=r"images\[1\]"):
+        anyio.run(backend.predict, [Upload(png(0), "image/png", "images"), Upload(b"\x89PNG\r\n\x1a\nbroken",
+                                                                                 "image/png", "images")])
+    with backend.store.engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar_one() == 0
+    backend.close()
