@@ -165,6 +165,17 @@ def test_first_version_is_champion_and_challenger_in_the_workspace_registry(
     assert first.decision["metric"] == pytest.approx(first.evaluate_metrics["macro_f1"])
 
 
+def logged_value(text: str) -> object:
+    """An MLflow param (a string) back as a value: YAML reads most; JSON also reads ``1e-05``."""
+    value = yaml.safe_load(text)
+    if isinstance(value, (str, list)):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return value
+    return value
+
+
 def test_the_pipeline_run_holds_every_param_and_per_epoch_curves(workspace: PipelineWorkspace, first: Step) -> None:
     from mlflow import MlflowClient
 
@@ -176,7 +187,7 @@ def test_the_pipeline_run_holds_every_param_and_per_epoch_curves(workspace: Pipe
     missing = sorted(set(expected) - set(run.data.params))
     assert not missing, f"params not logged: {missing}"
     for key, value in expected.items():
-        assert yaml.safe_load(run.data.params[key]) == value, key
+        assert logged_value(run.data.params[key]) == value, key
     history = client.get_metric_history(run.info.run_id, "val_macro_f1")
     assert sorted(point.step for point in history) == list(range(1, EPOCHS + 1))
     # evaluate and register added to the same run
