@@ -55,7 +55,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from medattn.config import Params, load_params  # noqa: E402
-from medattn.data.synthetic_fundus import DECOY_COLOUR, decoy_box  # noqa: E402
+from medattn.data.synthetic_fundus import DECOY_COLOUR, DECOY_SIZE, decoy_box  # noqa: E402
 
 MODELS = ("input_attention", "global_pixel")
 EXPERT = "proof-expert"
@@ -71,6 +71,7 @@ class ProofConfig:
     cutoff_epoch: int = 8
     roi_share: float = 0.10
     decoy_probability: float = 1.0
+    decoy_size: float = DECOY_SIZE
     recal_epochs: int = 5
     recal_lr: float = 0.001
     gamma: float = 5.0
@@ -92,7 +93,7 @@ def proof_params(base: Params, cfg: ProofConfig, seed: int, model: str, decoy: b
     """The benchmark preset at the proof's size, with or without the decoy, for one seed and model."""
     data = base.data
     synthetic = replace(data.synthetic, preset="benchmark", n_images=cfg.n_images, seed=data.synthetic.seed + seed,
-                        decoy_probability=cfg.decoy_probability if decoy else 0.0)
+                        decoy_probability=cfg.decoy_probability if decoy else 0.0, decoy_size=cfg.decoy_size)
     return replace(
         base,
         data=replace(data, source="synthetic", image_size=cfg.image_size, synthetic=synthetic),
@@ -125,13 +126,13 @@ def choose_roi_images(train_ids: list[str], share: float, seed: int) -> list[str
     return sorted(rng.choice(sorted(train_ids), size=count, replace=False).tolist())
 
 
-def simulated_rois(lesion_mask: np.ndarray, image_size: int) -> list[dict[str, Any]]:
+def simulated_rois(lesion_mask: np.ndarray, image_size: int, decoy_size: float = DECOY_SIZE) -> list[dict[str, Any]]:
     """What an expert who knows the ground truth draws: lesions relevant (brush), the decoy irrelevant.
 
     The decoy square is marked on every chosen image, stamped or not: the expert says "never look
     at the scanner-stamp corner", which is what a real reviewer would say once they saw it.
     """
-    r0, r1, c0, c1 = decoy_box(image_size)
+    r0, r1, c0, c1 = decoy_box(image_size, decoy_size)
     rois: list[dict[str, Any]] = [{"shape": "rectangle", "kind": "irrelevant", "x": c0, "y": r0,
                                    "width": c1 - c0, "height": r1 - r0}]
     lesion = np.asarray(lesion_mask, dtype=bool)
@@ -170,19 +171,20 @@ class TestImages:
     labels: torch.Tensor
     masks: torch.Tensor  # uint8 (N, 1, H, W), 1 = lesion
     has_mask: torch.Tensor
+    decoy_size: float = DECOY_SIZE
 
 
-def stamp_decoy(images: torch.Tensor) -> torch.Tensor:
+def stamp_decoy(images: torch.Tensor, decoy_size: float = DECOY_SIZE) -> torch.Tensor:
     """Every image with the decoy square painted, as ``synthetic_fundus`` stamps it."""
     out = images.clone()
-    r0, r1, c0, c1 = decoy_box(images.shape[-1])
+    r0, r1, c0, c1 = decoy_box(images.shape[-1], decoy_size)
     out[:, :, r0:r1, c0:c1] = torch.tensor(DECOY_COLOUR, dtype=out.dtype)[None, :, None, None]
     return out
 
 
-def decoy_region(image_size: int) -> torch.Tensor:
+def decoy_region(image_size: int, decoy_size: float = DECOY_SIZE) -> torch.Tensor:
     region = torch.zeros(1, 1, image_size, image_size, dtype=torch.bool)
-    r0, r1, c0, c1 = decoy_box(image_size)
+    r0, r1, c0, c1 = decoy_box(image_size, decoy_size)
     region[..., r0:r1, c0:c1] = True
     return region
 
@@ -207,7 +209,7 @@ def measure_model(model: torch.nn.Module, spec: Any, test: TestImages, batch_siz
     pred = torch.cat(preds).numpy()
     labels = test.labels.numpy()
     stamped = torch.cat(stamped_maps)
-    region = decoy_region(test.clean.shape[-1]).to(stamped.dtype)
+    region = decoy_region(test.clean.shape[-1], test.decoy_size).to(stamped.dtype)
     decoy_share = (stamped * region).flatten(1).sum(1) / stamped.flatten(1).sum(1).clamp_min(1e-12)
     lesion_share = attention_mass_inside(torch.cat(clean_maps)[:, 0].numpy(), test.masks[:, 0].numpy())
     return {"accuracy": float((pred == labels).mean()),
@@ -217,7 +219,7 @@ def measure_model(model: torch.nn.Module, spec: Any, test: TestImages, batch_siz
             "decoy_area_share": float(region.mean())}
 
 
-def load_test_images(clean_dir: Path, decoy_dir: Path) -> TestImages:
+def load_test_images(clean_dir: Path, decoy_dir: Path, decoy_size: float = DECOY_SIZE) -> TestImages:
     """The decoy-free test split; checks it is the decoy set's test split without the stamp."""
     from medattn.data.dataset import load_split
     from medattn.data.manifest import read_manifest
@@ -230,10 +232,12 @@ def load_test_images(clean_dir: Path, decoy_dir: Path) -> TestImages:
     unstamped = [i for i, name in enumerate(clean.ids) if not int(frame.at[name, "has_decoy"])]
     if not torch.equal(clean.images[unstamped], with_decoy.images[unstamped]):
         raise RuntimeError("test images without the stamp differ between the two sets")
-    return TestImages(clean.images, stamp_decoy(clean.images), clean.labels, clean.masks, clean.has_mask)
+    return TestImages(clean.images, stamp_decoy(clean.images, decoy_size), clean.labels, clean.masks, clean.has_mask,
+                      decoy_size)
 
 
-def overlay_figure(image: torch.Tensor, maps: list[tuple[str, np.ndarray]], title: str, path: Path) -> Path:
+def overlay_figure(image: torch.Tensor, maps: list[tuple[str, np.ndarray]], title: str, path: Path,
+                   decoy_size: float = DECOY_SIZE) -> Path:
     """Image | map over image for each model state (the decoy square outlined)."""
     import matplotlib
 
@@ -242,7 +246,7 @@ def overlay_figure(image: torch.Tensor, maps: list[tuple[str, np.ndarray]], titl
     from matplotlib.patches import Rectangle
 
     picture = image.permute(1, 2, 0).numpy()
-    r0, r1, c0, c1 = decoy_box(picture.shape[0])
+    r0, r1, c0, c1 = decoy_box(picture.shape[0], decoy_size)
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.3 * (1 + len(maps)), 2.6))
     axes[0].imshow(picture)
     axes[0].set_title("test image + decoy", fontsize=8)
@@ -312,7 +316,7 @@ def run_case(base: Params, cfg: ProofConfig, seed: int, model: str, work: Path, 
         if not (folder / "manifest.csv").is_file():
             _log(f"seed {seed}: preparing {folder.name} ({cfg.n_images} images, {cfg.image_size} px)")
             prepare_dataset(params, folder, progress=False)
-    test = load_test_images(clean_dir, decoy_dir)
+    test = load_test_images(clean_dir, decoy_dir, cfg.decoy_size)
     started = time.perf_counter()
 
     # 1. the shortcut model: train stage -> evaluate on the set's own test split -> register stage
@@ -360,7 +364,7 @@ def run_case(base: Params, cfg: ProofConfig, seed: int, model: str, work: Path, 
             i = position[name]
             png = (decoy_dir / "images" / f"{name}.png")
             image_bytes = png.read_bytes() if png.is_file() else _png_bytes(train_split.images[i])
-            rois = simulated_rois(train_split.masks[i, 0].numpy() > 0, cfg.image_size)
+            rois = simulated_rois(train_split.masks[i, 0].numpy() > 0, cfg.image_size, cfg.decoy_size)
             receipts.append(send_feedback(server.url, token, model_name, champion_version, image_bytes, rois,
                                           key=f"proof-{seed}-{model}-{name}"))
     finally:
@@ -397,7 +401,7 @@ def run_case(base: Params, cfg: ProofConfig, seed: int, model: str, work: Path, 
             _, att = net(normalize_tensor(test.stamped[example:example + 1], spec.mean, spec.std))
             maps.append((name, att[0, 0].numpy()))
     figure = overlay_figure(test.stamped[example], maps, f"{model}, seed {seed}",
-                            figures_dir / f"proof_{model}_seed{seed}.png")
+                            figures_dir / f"proof_{model}_seed{seed}.png", cfg.decoy_size)
     outcome = {"seed": seed, "model": model, "before": before, "after": after, "ceiling": ceiling,
             "roi_images": len(chosen), "train_images": len(train_split.ids),
             "roi_share": len(chosen) / len(train_split.ids), "feedback_ids": [r["id"] for r in receipts],
@@ -477,7 +481,7 @@ def markdown_table(summary: dict[str, Any], cfg: ProofConfig) -> str:
               f"decoy on {cfg.decoy_probability:.0%} of the top-grade training images, {cfg.epochs} training epochs, "
               f"one recalibration of {cfg.recal_epochs} epochs (gamma {cfg.gamma}, lr {cfg.recal_lr}). "
               "Decoy mass: share of the map inside the decoy square on the test images with the decoy stamped "
-              f"(a uniform map: {100 * decoy_region(cfg.image_size).float().mean():.2f}%)."]
+              f"(a uniform map: {100 * decoy_region(cfg.image_size, cfg.decoy_size).float().mean():.2f}%)."]
     return "\n".join(lines) + "\n"
 
 

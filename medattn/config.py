@@ -32,6 +32,8 @@ class SyntheticParams:
     train_fraction: float = 0.6
     val_fraction: float = 0.15
     decoy_probability: float = 0.0
+    # side of the decoy square as a share of the image side (how salient the shortcut is)
+    decoy_size: float = 0.07
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,8 @@ def validate_params(p: Params) -> Params:
            "data.synthetic.train_fraction and val_fraction must be in (0, 1) and sum below 1")
     _check(0.0 <= s.decoy_probability <= 1.0,
            f"data.synthetic.decoy_probability must be in [0, 1], got {s.decoy_probability}")
+    _check(0.0 < s.decoy_size <= 0.12,  # larger would reach into the fundus circle
+           f"data.synthetic.decoy_size must be in (0, 0.12], got {s.decoy_size}")
     _check(0.0 < p.validate.min_class_ratio <= 1.0, "validate.min_class_ratio must be in (0, 1]")
     _check(p.validate.expected_channels in (1, 3), "validate.expected_channels must be 1 or 3")
     m = p.model

@@ -82,9 +82,16 @@ def working_size(image_size: int) -> int:
     return int(min(max(3 * image_size, 192), 1411))
 
 
-def decoy_box(image_size: int) -> tuple[int, int, int, int]:
-    """(row0, row1, col0, col1) of the decoy square: bottom-right corner, outside the fundus circle."""
-    side = max(3, round(0.07 * image_size))
+#: default side of the decoy square, as a share of the image side (``data.synthetic.decoy_size``)
+DECOY_SIZE = 0.07
+
+
+def decoy_box(image_size: int, size: float = DECOY_SIZE) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1) of the decoy square: bottom-right corner, outside the fundus circle.
+
+    ``size`` up to 0.12 keeps the square in the corner the fundus circle (radius 0.494) leaves black.
+    """
+    side = max(3, round(size * image_size))
     margin = max(1, round(0.03 * image_size))
     end = image_size - margin
     return end - side, end, end - side, end
@@ -170,9 +177,9 @@ def _relight(photo: Image.Image, a: Appearance) -> Image.Image:
     return Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def _stamp_decoy(photo: Image.Image) -> Image.Image:
+def _stamp_decoy(photo: Image.Image, size: float) -> Image.Image:
     pixels = np.array(photo)
-    r0, r1, c0, c1 = decoy_box(pixels.shape[0])
+    r0, r1, c0, c1 = decoy_box(pixels.shape[0], size)
     pixels[r0:r1, c0:c1] = DECOY_COLOUR
     return Image.fromarray(pixels)
 
@@ -197,7 +204,7 @@ def iter_synthetic_records(params: SyntheticParams, image_size: int) -> Iterator
         else:  # all left eyes, and kept byte-identical to the set the fast tests were written on
             image, mask, flipped = record["image"], record["mask"], False
         if record["has_decoy"]:
-            image = _stamp_decoy(image)
+            image = _stamp_decoy(image, params.decoy_size)
         yield {**record, "image": image, "mask": mask, "flipped": flipped}
 
 

@@ -17,6 +17,9 @@ it calls the hooks below, which a method overrides where it has something to do:
 
 ``global_attention()`` returns the one (H, W) map of a global method (None for per-image
 methods), so consumers (evaluation, figures, serving) keep one map instead of B copies.
+``attention_logits(x)`` returns the map's pre-sigmoid scores where the method has them (None
+otherwise): the feedback loss takes its distance there, because a sigmoid saturated at 0 or 1
+in float32 passes no gradient back (``medattn.training.feedback_loss``).
 
 A method registers itself where it is defined (timm's ``register_model`` spirit)::
 
@@ -102,6 +105,14 @@ class AttentionModel(nn.Module):
 
     def global_attention(self) -> torch.Tensor | None:
         """The (H, W) map shared by every image, for global methods; None for per-image ones."""
+        return None
+
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Scores S with ``forward(x)[1] == sigmoid(S)`` (broadcast), differentiable; None if there are none.
+
+        (B, 1, H, W) for per-image maps, (1, 1, H, W) for a global one. None also where the map
+        cannot learn (a frozen global map is a buffer): there is nothing for a gradient to move.
+        """
         return None
 
 

@@ -43,9 +43,13 @@ class PixelCNN(nn.Module):
         self.hidden = nn.Conv2d(n_pixel_channels, hidden_channels, kernel_size=3, stride=1, padding=1)
         self.score = nn.Conv2d(hidden_channels, 1, kernel_size=1)
 
+    def scores(self, pixel_representation: torch.Tensor) -> torch.Tensor:
+        """(1, NC, H, W) -> (1, 1, H, W) pre-sigmoid importance scores."""
+        return self.score(torch.relu(self.hidden(pixel_representation)))
+
     def forward(self, pixel_representation: torch.Tensor) -> torch.Tensor:
         """(1, NC, H, W) -> (1, 1, H, W) importance in (0, 1)."""
-        return torch.sigmoid(self.score(torch.relu(self.hidden(pixel_representation))))
+        return torch.sigmoid(self.scores(pixel_representation))
 
     @staticmethod
     def expected_parameter_count(n_pixel_channels: int, hidden_channels: int) -> int:
@@ -239,6 +243,12 @@ class GlobalPixelAttention(AttentionModel):
         # .to() / .cuda() / .double(): a cached M on the old device or dtype must not be reused
         self._drop_cached_map()
         return super()._apply(fn, recurse)
+
+    def attention_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The pixel CNN's scores over P (1, 1, H, W) while it learns; None once M is frozen."""
+        if bool(self.is_frozen) or self.pixel_representation.numel() == 0:
+            return None
+        return self.pixel_cnn.scores(self.pixel_representation)
 
     @torch.no_grad()
     def freeze(self) -> None:

@@ -42,8 +42,12 @@ class InputGate(nn.Module):
         self.score = nn.Conv2d(k, 1, kernel_size=1)
         nn.init.constant_(self.score.bias, INITIAL_GATE_BIAS)
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1, H, W) pre-sigmoid scores."""
+        return self.score(self.features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.score(self.features(x)))
+        return torch.sigmoid(self.scores(x))
 
 
 @register_attention("input_attention")
@@ -64,6 +68,9 @@ class InputAttention(AttentionModel):
 
     def loss_terms(self, attention: torch.Tensor, settings: LossSettings) -> dict[str, torch.Tensor]:
         return {"attention_l1": settings.lambda_l1 * attention.mean()}
+
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate.scores(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attention = self.gate(x)

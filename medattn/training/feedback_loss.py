@@ -21,6 +21,15 @@ Three mechanisms, picked from the model contract (:func:`mechanism_for`), never 
                     whole-image total, inside the irrelevant regions, times γ. The share (rather
                     than Ross's raw sum) keeps γ on the same 0..1 scale as the map distances.
 
+**Saturation.** A map is a sigmoid of scores, and a shortcut model drives it to exactly 0 or 1
+in float32 (seed 001's M on the decoy was 1.0): there σ'(S) = 0, so any distance taken on the
+map alone passes no gradient back and the experts' marks cannot move it. Where the model exposes
+its scores (``attention_logits``, the model contract) the distance is taken from them:
+``bce`` is BCE-with-logits (gradient σ(S) - target, never zero on the wrong side); ``l2`` and
+``l1`` keep their value on the map, but their backward pass replaces the sigmoid's slope by its
+maximum 1/4 (:func:`_map_from_scores`), so their gradient is at least the true one and never
+vanishes. Models without scores fall back to the distance on the map itself.
+
 Next to the attention term, feedback images the training split does not hold get their
 cross-entropy under the expert's label (a corrected label replaces the image's label; images
 without any known label add no CE). :class:`FeedbackLoss` is an ``extra_loss`` for
@@ -103,12 +112,35 @@ def combined_global_target(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return relevant / votes.clamp(min=1.0), votes > 0
 
 
-def map_distance(attention: torch.Tensor, target: torch.Tensor, drawn: torch.Tensor, distance: str) -> torch.Tensor:
-    """Mean distance over the drawn pixels of each image, averaged over images that have any."""
+#: the sigmoid's largest slope (at 0): the slope the backward pass of l2 / l1 uses at saturation
+_SIGMOID_MAX_SLOPE = 0.25
+
+
+def _map_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """σ(S) in value; in the backward pass d map / d S = 1/4 everywhere (σ'(S) <= 1/4).
+
+    A straight-through sigmoid with the slope pinned at its maximum: the gradient of a distance
+    on this map is never smaller than on σ(S) (equal at σ = 0.5) and stays non-zero where σ has
+    saturated, which is what lets feedback undo a map the shortcut drove to exactly 0 or 1.
+    """
+    return torch.sigmoid(scores).detach() + _SIGMOID_MAX_SLOPE * (scores - scores.detach())
+
+
+def map_distance(attention: torch.Tensor, target: torch.Tensor, drawn: torch.Tensor, distance: str,
+                 scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean distance over the drawn pixels of each image, averaged over images that have any.
+
+    ``scores``: the map's pre-sigmoid scores (``attention == sigmoid(scores)``); given, the
+    distance keeps a gradient where the sigmoid has saturated (module docstring).
+    """
+    if scores is not None and distance in ("l2", "l1"):
+        attention = _map_from_scores(scores)
     if distance == "l2":
         per_pixel = (attention - target) ** 2
     elif distance == "l1":
         per_pixel = (attention - target).abs()
+    elif distance == "bce" and scores is not None:
+        per_pixel = F.binary_cross_entropy_with_logits(scores, target.expand_as(scores), reduction="none")
     elif distance == "bce":
         per_pixel = F.binary_cross_entropy(attention.clamp(_EPS, 1 - _EPS), target, reduction="none")
     else:
@@ -118,7 +150,7 @@ def map_distance(attention: torch.Tensor, target: torch.Tensor, drawn: torch.Ten
     counts = weight.flatten(1).sum(1)
     has_any = counts > 0
     if not bool(has_any.any()):
-        return attention.sum() * 0.0
+        return per_pixel.sum() * 0.0
     return (per_image[has_any] / counts[has_any]).mean()
 
 
@@ -147,6 +179,12 @@ def mechanism_for(model: nn.Module) -> str:
     return INPUT_GRADIENT
 
 
+def attention_scores(model: nn.Module, images: torch.Tensor) -> Optional[torch.Tensor]:
+    """The model's pre-sigmoid map scores through its contract hook, None where it has none."""
+    hook = getattr(model, "attention_logits", None)
+    return hook(images) if callable(hook) else None
+
+
 def explanation_maps(model: nn.Module, images: torch.Tensor, mechanism: str) -> torch.Tensor:
     """The map feedback is judged on: the attention map, or the input-gradient saliency (B, 1, H, W)."""
     if mechanism == INPUT_GRADIENT:
@@ -162,6 +200,10 @@ def thawed_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     CNN's weights stay in the state): fine-tuned as saved, M could not move however the
     experts drew. Clearing the flag makes the loaded model rebuild M from its pixel CNN over
     the (unchanged) training split's P, so the feedback term trains it; saving freezes it again.
+    Why the pixel CNN and not M itself: in seed 001 M *is* the pixel CNN's output over P, and
+    seed 002 retrains the model with the feedback in its loss; fine-tuning the pixel CNN keeps
+    M that function (Algorithm 1 with E = the recalibration's last epoch), and its scores are
+    what the saturation-proof distance needs (``attention_logits``).
     States without the flag are returned unchanged.
     """
     thawed = dict(state)
@@ -213,12 +255,14 @@ class FeedbackLoss:
             logits, _ = model(images)
         else:
             logits, attention = model(images)
+            scores = attention_scores(model, images)
             if mechanism == GLOBAL_MAP:
                 target, drawn = (t.to(device) for t in self._global_target)
-                distance = map_distance(attention[:1], target.to(attention.dtype), drawn, self.distance)
+                distance = map_distance(attention[:1], target.to(attention.dtype), drawn, self.distance,
+                                        scores=None if scores is None else scores[:1])
             else:
                 target = relevant_region(masks).to(attention.dtype)
-                distance = map_distance(attention, target, masks != 128, self.distance)
+                distance = map_distance(attention, target, masks != 128, self.distance, scores=scores)
             terms["feedback_attention"] = self.gamma * distance
         known = labels != NO_LABEL
         if bool(known.any()) and self.ce_weight > 0:
@@ -228,6 +272,6 @@ class FeedbackLoss:
 
 __all__ = [
     "DISTANCES", "FeedbackLoss", "FeedbackTargets", "GLOBAL_MAP", "INPUT_GRADIENT", "MECHANISMS", "NO_LABEL",
-    "PER_IMAGE_MAP", "adjusted_target", "combined_global_target", "explanation_maps", "input_gradient_saliency",
+    "PER_IMAGE_MAP", "adjusted_target", "attention_scores", "combined_global_target", "explanation_maps", "input_gradient_saliency",
     "map_distance", "mechanism_for", "region_shares", "thawed_state",
 ]

@@ -137,3 +137,65 @@ def test_feedback_without_labels_adds_no_cross_entropy_and_bad_settings_are_refu
         FeedbackLoss(feedback, gamma=-1.0)
     with pytest.raises(ParamError, match="at least one"):
         FeedbackLoss(feedback.subset([]), gamma=1.0)
+
+
+def _saturated(attention: str, train: LabelledImages) -> torch.nn.Module:
+    """A model whose map is exactly 1.0 in float32 everywhere (the shortcut model's M on the decoy)."""
+    model_params = ModelParams(backbone="small_cnn", attention=attention, K=8)
+    tp = TrainParams(epochs=1, cutoff_epoch=1, lambda_l1=0.0, lr=0.01, batch_size=8, seed=0, device="cpu")
+    model = fit(model_params, tp, train, train, class_names=CLASSES, progress=False).model
+    model.load_state_dict(thawed_state(model.state_dict()))  # what recalibration fine-tunes
+    model.before_training(train.images)  # a thawed global map rebuilds M from P
+    score = model.pixel_cnn.score if attention == "global_pixel" else model.gate.score
+    with torch.no_grad():
+        score.bias.fill_(40.0)
+    return model.train()
+
+
+@pytest.mark.parametrize("distance", ["l2", "bce"])
+@pytest.mark.parametrize("attention", ["global_pixel", "input_attention"])
+def test_feedback_moves_a_saturated_map_down_on_the_irrelevant_region(attention: str, distance: str) -> None:
+    train = toy_split(16, 0)
+    feedback = feedback_for(train, 8)
+    model = _saturated(attention, train)
+    marker = feedback.masks == IRRELEVANT
+    start = model(feedback.images)[1].detach()
+    assert bool((start[marker] == 1.0).all())  # saturated: sigmoid'(S) is exactly 0 there
+    loss = FeedbackLoss(feedback, gamma=1.0, distance=distance, ce_weight=0.0)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(150):
+        optimiser.zero_grad()
+        sum(loss(model).values()).backward()
+        optimiser.step()
+    after = model(feedback.images)[1].detach()
+    assert float(after[marker].mean()) < 0.5, float(after[marker].mean())
+    # the relevant region is not dragged down with it: it stays well above the irrelevant one
+    assert float(after[feedback.masks == RELEVANT].mean()) > float(after[marker].mean()) + 0.3
+
+
+def test_scores_give_the_map_and_a_frozen_global_map_has_none() -> None:
+    train = toy_split(16, 0)
+    for attention in ("global_pixel", "input_attention"):
+        model = _saturated(attention, train)
+        score = model.pixel_cnn.score if attention == "global_pixel" else model.gate.score
+        with torch.no_grad():
+            score.bias.fill_(0.3)
+            scores = model.attention_logits(train.images[:4])
+            maps = model(train.images[:4])[1]
+        assert torch.allclose(torch.sigmoid(scores).expand_as(maps), maps)
+    frozen = _saturated("global_pixel", train)
+    frozen.freeze()
+    assert frozen.attention_logits(train.images[:2]) is None
+
+
+def test_distances_keep_their_value_when_taken_from_scores() -> None:
+    scores = torch.tensor([[[[-1.0, 0.5], [2.0, 40.0]]]])
+    target = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
+    drawn = torch.ones_like(target, dtype=torch.bool)
+    maps = torch.sigmoid(scores)
+    for distance in ("l2", "l1"):
+        assert torch.isclose(map_distance(maps, target, drawn, distance, scores=scores),
+                             map_distance(maps, target, drawn, distance))
+    # BCE from the scores is exact where the clamped BCE on the map is capped
+    exact = torch.nn.functional.binary_cross_entropy_with_logits(scores, target)
+    assert torch.isclose(map_distance(maps, target, drawn, "bce", scores=scores), exact)

@@ -193,3 +193,23 @@ def test_bad_image_size_is_a_param_error(tmp_path: Path, image_size: int) -> Non
     with pytest.raises(ParamError, match="image_size"):
         generate_synthetic_fundus(tmp_path / "x", PARAMS, image_size, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_decoy_size_sets_the_stamp_and_stays_outside_the_fundus(tmp_path: Path) -> None:
+    big = SyntheticParams(n_images=30, seed=7, decoy_probability=1.0, decoy_size=0.12)
+    generate_synthetic_fundus(tmp_path / "big", big, SIZE, progress=False)
+    frame, images, _ = _load(tmp_path / "big")
+    r0, r1, c0, c1 = decoy_box(SIZE, 0.12)
+    assert (r1 - r0) > (decoy_box(SIZE)[1] - decoy_box(SIZE)[0])  # larger than the default stamp
+    stamped = images[frame["has_decoy"].to_numpy() == 1]
+    assert len(stamped) and (stamped[:, r0:r1, c0:c1] == DECOY_COLOUR).all()
+    # its inner corner lies outside the fundus circle: the stamp covers no retina
+    inner = np.array([(r0 + 0.5) / SIZE, (c0 + 0.5) / SIZE])
+    assert float(np.hypot(*(inner - np.asarray(FUNDUS_CENTRE)))) > FUNDUS_RADIUS
+
+
+def test_a_decoy_larger_than_the_black_corner_is_refused() -> None:
+    from medattn.config import DataParams, Params, validate_params
+
+    with pytest.raises(ParamError, match="decoy_size"):
+        validate_params(Params(data=DataParams(synthetic=SyntheticParams(decoy_size=0.2))))
