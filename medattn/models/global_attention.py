@@ -246,7 +246,7 @@ class GlobalPixelAttention(AttentionModel):
 
     def attention_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The pixel CNN's scores over P (1, 1, H, W) while it learns; None once M is frozen."""
-        if bool(self.is_frozen) or self.pixel_representation.numel() == 0:
+        if self._frozen or self.pixel_representation.numel() == 0:
             return None
         return self.pixel_cnn.scores(self.pixel_representation)
 
