@@ -129,9 +129,12 @@ def test_mlflow_models_serve_answers_invocations_with_the_same_probabilities(reg
         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
     base = f"http://127.0.0.1:{port}"
+    # `mlflow models serve` runs `uvicorn` from PATH: the interpreter's own bin folder goes first,
+    # as in an activated virtualenv (pytest may be started as .venv/bin/python -m pytest)
+    env = {**registry_env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), registry_env.get("PATH", "")])}
     with open(log_path, "wb") as log:
         # A session of its own: the CLI starts uvicorn workers, and the whole group is stopped.
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=registry_env,
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
     try:
         _wait_until_ready(server, base, log_path)
