@@ -198,16 +198,22 @@ def measure_model(model: torch.nn.Module, spec: Any, test: TestImages, batch_siz
     from medattn.evaluation.faithfulness import attention_mass_inside
 
     model.eval()
-    preds, clean_maps, stamped_maps = [], [], []
+    preds, stamped_preds, clean_maps, stamped_maps = [], [], [], []
     for start in range(0, len(test.labels), batch_size):
         part = slice(start, start + batch_size)
         logits, attention = model(normalize_tensor(test.clean[part], spec.mean, spec.std))
         preds.append(logits.argmax(1))
         clean_maps.append(attention.expand(logits.shape[0], -1, -1, -1).float())
-        _, on_stamped = model(normalize_tensor(test.stamped[part], spec.mean, spec.std))
+        stamped_logits, on_stamped = model(normalize_tensor(test.stamped[part], spec.mean, spec.std))
+        stamped_preds.append(stamped_logits.argmax(1))
         stamped_maps.append(on_stamped.expand(logits.shape[0], -1, -1, -1).float())
-    pred = torch.cat(preds).numpy()
+    pred, pred_stamped = torch.cat(preds).numpy(), torch.cat(stamped_preds).numpy()
     labels = test.labels.numpy()
+    # the shortcut itself: the decoy says "top grade" in training. A model that learnt it calls
+    # every stamped image top grade and misses top-grade images without it; the attention mass
+    # on the decoy can fall while a faint decoy still decides (a soft map scales, it never erases)
+    top = int(logits.shape[1]) - 1
+    is_top = labels == top
     stamped = torch.cat(stamped_maps)
     region = decoy_region(test.clean.shape[-1], test.decoy_size).to(stamped.dtype)
     decoy_share = (stamped * region).flatten(1).sum(1) / stamped.flatten(1).sum(1).clamp_min(1e-12)
@@ -216,7 +222,9 @@ def measure_model(model: torch.nn.Module, spec: Any, test: TestImages, batch_siz
             "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
             "decoy_mass": float(decoy_share.mean()),
             "lesion_mass": float(np.nanmean(lesion_share[test.has_mask.numpy()])),
-            "decoy_area_share": float(region.mean())}
+            "decoy_area_share": float(region.mean()),
+            "top_recall": float((pred[is_top] == top).mean()) if is_top.any() else float("nan"),
+            "stamped_top_share": float((pred_stamped == top).mean())}
 
 
 def load_test_images(clean_dir: Path, decoy_dir: Path, decoy_size: float = DECOY_SIZE) -> TestImages:
@@ -433,7 +441,9 @@ def _example_index(test: TestImages) -> int:
 
 FIGURES = (("accuracy", "decoy-free test accuracy", 100.0), ("macro_f1", "decoy-free test macro-F1", 100.0),
            ("decoy_mass", "attention mass on the decoy (%)", 100.0),
-           ("lesion_mass", "attention mass inside lesion masks (%)", 100.0))
+           ("lesion_mass", "attention mass inside lesion masks (%)", 100.0),
+           ("top_recall", "top-grade recall, decoy-free test (%)", 100.0),
+           ("stamped_top_share", "test images called top grade with the decoy stamped (%)", 100.0))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -447,6 +457,8 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [c for c in cases if c["model"] == model]
         out: dict[str, Any] = {"seeds": [c["seed"] for c in rows]}
         for key, _, scale in FIGURES:
+            if any(key not in c[state] for c in rows for state in ("before", "after", "ceiling")):
+                continue  # a figure the report's cases were not measured with (older reports)
             for state in ("before", "after", "ceiling"):
                 out[f"{state}_{key}"] = _mean_std([c[state][key] * scale for c in rows])
         out["roi_share_percent"] = _mean_std([c["roi_share"] * 100 for c in rows])
@@ -468,6 +480,8 @@ def markdown_table(summary: dict[str, Any], cfg: ProofConfig) -> str:
              "|---|---|---|---|---|"]
     for model, out in summary.items():
         for key, label, _ in FIGURES:
+            if f"before_{key}" not in out:
+                continue
             digits = 2 if "mass" in key else 1
             lines.append(f"| {model} | {label} | {cell(out[f'before_{key}'], digits)} | "
                          f"{cell(out[f'after_{key}'], digits)} | {cell(out[f'ceiling_{key}'], digits)} |")
@@ -497,6 +511,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 seed, 240 images at 48 px, 4 epochs: a smoke run")
     parser.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml", help="base parameters file")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "proof", help="report folder")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="PROOF_JSON",
+                        help="no training: merge the cases of these proof.json files (same config, e.g. one run "
+                             "per model in parallel) into one report under --out")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep datasets, registries, logs here; finished cases with the same sizes are reused "
                              "(default: a temporary folder, removed)")
@@ -546,9 +563,28 @@ def run_proof(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def merge_reports(paths: list[Path], out: Path) -> dict[str, Any]:
+    """One report from several runs of the same config (their cases side by side, summarised anew)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    if any(r["config"] != reports[0]["config"] for r in reports):
+        raise SystemExit("--merge: the reports were measured with different configs")
+    cases = [c for r in reports for c in r["cases"]]
+    if len({(c["seed"], c["model"]) for c in cases}) != len(cases):
+        raise SystemExit("--merge: a (seed, model) case appears in more than one report")
+    cfg = ProofConfig(**reports[0]["config"])
+    summary = summarise(cases)
+    report = {**reports[0], "seeds": sorted({c["seed"] for c in cases}), "summary": summary, "cases": cases,
+              "seconds": round(sum(r["seconds"] for r in reports), 1),
+              "command": " + ".join(r["command"] for r in reports) + " (merged; seconds summed)"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "proof.json").write_text(json.dumps(report, indent=2))
+    (out / "proof.md").write_text(markdown_table(summary, cfg))
+    return report
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    report = run_proof(args)
+    report = merge_reports(args.merge, Path(args.out)) if args.merge else run_proof(args)
     print((Path(args.out) / "proof.md").read_text())
     print(f"{report['seconds']:.0f} s on {report['machine']}; written to {args.out}")
 
