@@ -477,6 +477,7 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
         after, before, ceiling = out["after_accuracy"][0], out["before_accuracy"][0], out["ceiling_accuracy"][0]
         decoy_ratio = [c["before"]["decoy_mass"] / max(c["after"]["decoy_mass"], 1e-12) for c in rows]
         out["decoy_mass_ratio"] = _mean_std(decoy_ratio)
+        out["decoy_mass_ratio_min"] = min(decoy_ratio)  # the goal is per seed; a near-0 "after" blows up the mean
         out["goal"] = {"within_3_points_of_ceiling": bool(ceiling - after <= 3.0),
                        "15_points_above_shortcut": bool(after - before >= 15.0),
                        "decoy_mass_down_5x": bool(min(decoy_ratio) >= 5.0)}
@@ -527,7 +528,7 @@ def markdown_table(summary: dict[str, Any], cfg: ProofConfig) -> str:
         lines.append(f"| {model} | training images with ROIs (%) | {cell(out['roi_share_percent'])} | | |")
         goal = out["goal"]
         lines.append(f"| {model} | goal: after within 3 pts of ceiling / >= 15 pts above shortcut / decoy mass "
-                     f"down >= 5x (measured {cell(out['decoy_mass_ratio'])}x) | "
+                     f"down >= 5x (measured: at least {out['decoy_mass_ratio_min']:.1f}x on every seed) | "
                      + " / ".join("met" if goal[k] else "NOT met" for k in goal) + " | | |")
     seeds = sorted({s for out in summary.values() for s in out["seeds"]})
     lines += ["", f"Mean ± std over seeds {seeds}; benchmark preset, {cfg.n_images} images at {cfg.image_size} px, "
