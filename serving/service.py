@@ -42,7 +42,7 @@ from medattn.errors import first_line
 from medattn.serving import metrics
 from medattn.serving.backend import HttpProblem, ModelClient, ServingBackend
 from medattn.serving.placement import ChampionFollower, InProcessModel
-from medattn.serving.settings import ServingSettings, inference_mode_from_env
+from medattn.serving.settings import ServingSettings, api_workers_from_env, inference_mode_from_env
 from serving.app import app
 from serving.client_timeouts import install_client_timeouts
 from serving.http_errors import JsonRoutingErrors
@@ -50,8 +50,9 @@ from serving.http_errors import JsonRoutingErrors
 log = logging.getLogger("medattn.serving")
 
 BATCH_MAX_SIZE = int(os.environ.get("MEDATTN_BATCH_MAX_SIZE", "16"))
-# HTTP worker processes (decode, encode, feedback I/O); the model runner stays one process
-API_WORKERS = int(os.environ.get("MEDATTN_API_WORKERS", "1"))
+# HTTP worker processes (decode, encode, feedback I/O; the model too when served in process):
+# one per core up to 4 unless MEDATTN_API_WORKERS says; the model runner stays one process
+API_WORKERS = api_workers_from_env()
 BATCH_MAX_LATENCY_MS = int(os.environ.get("MEDATTN_BATCH_MAX_LATENCY_MS", "1000"))
 RUNNER_CALL_TIMEOUT_S = 120
 # auto | in_process | runner (MEDATTN_INFERENCE): read at import, because it decides whether the
@@ -187,13 +188,13 @@ class MedattnService:
     def _model_client(self, settings: ServingSettings) -> ModelClient:
         """Where this worker's predictions run (:mod:`medattn.serving.placement`)."""
         if INFERENCE_MODE == "in_process":
-            torch.set_num_threads(settings.runner_torch_threads)
+            torch.set_num_threads(settings.in_process_torch_threads(API_WORKERS))
             return InProcessModel(settings)
         runner = RunnerClient(self.runner)
         # auto on an accelerator: batching keeps it busy, so this process never loads the model.
         if INFERENCE_MODE == "runner" or resolve_device(settings.device).type != "cpu":
             return runner
-        torch.set_num_threads(settings.runner_torch_threads)
+        torch.set_num_threads(settings.in_process_torch_threads(API_WORKERS))
         return InProcessModel(settings, runner=runner)
 
     @bentoml.on_shutdown

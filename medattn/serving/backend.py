@@ -29,6 +29,7 @@ from medattn.feedback.schema import FeedbackSubmission, InvalidFeedback, canonic
 from medattn.feedback.store import FeedbackRecord, FeedbackStore
 from medattn.serving import metrics
 from medattn.serving.auth import AuthError, Principal, Role
+from medattn.serving.champion_signal import ChampionSignal
 from medattn.serving.imaging import DecodedImage, ImageRejected, decode_image
 from medattn.serving.inference import Predictor, RawPrediction, build_payload
 from medattn.serving.prediction_log import PredictionWriter
@@ -103,6 +104,10 @@ class ServingBackend:
                                          settings.retention_sweep_seconds)
         self.metrics = metrics.get_metrics()
         self._registered_versions: set[str] = set()
+        # the champion-changed signal of all API workers (medattn.serving.champion_signal)
+        self.champion_signal = ChampionSignal(settings.state_dir)
+        self._followed_stamp = self.champion_signal.stamp()
+        self._follow_lock = asyncio.Lock()
         self.metrics.set_feedback_waiting(self.store.count_pending())
 
     def close(self) -> None:
@@ -123,6 +128,7 @@ class ServingBackend:
         commit, :mod:`medattn.serving.prediction_log`): a ``request_id`` a client receives can
         always be cited by feedback.
         """
+        await self.follow_champion_signal()
         local = self.runner.local_predictor() if isinstance(self.runner, LocalModel) else None
         if local is not None:
             # The model is in this process: decode, model and answer in ONE trip to the thread
@@ -150,6 +156,29 @@ class ServingBackend:
             payloads.append(payload)
         self.retention.sweep_in_background()
         return payloads
+
+    async def follow_champion_signal(self) -> None:
+        """Reload this worker's model first if another worker moved the champion since we looked.
+
+        One ``stat`` per request. Requests that arrive while the reload runs wait for it, so none
+        of them is answered by the old champion; a failed reload is logged and not retried per
+        request (the poll tries again), and the old model keeps serving.
+        """
+        follow = getattr(self.runner, "follow_champion", None)
+        if follow is None:
+            return  # the runner (one process) serves: the worker that moved the alias reloaded it
+        stamp = self.champion_signal.stamp()
+        if stamp == self._followed_stamp:
+            return
+        async with self._follow_lock:
+            stamp = self.champion_signal.stamp()
+            if stamp == self._followed_stamp:
+                return  # another request of this worker has just followed it
+            try:
+                await to_thread.run_sync(follow)
+            except Exception as exc:  # noqa: BLE001 - logged; the old model keeps serving
+                log.warning("champion signal: reload failed, still serving the previous model: %s", exc)
+            self._followed_stamp = stamp
 
     def _predict_here(self, predictor: Predictor, uploads: Sequence[Upload],
                       raw_attention: bool) -> list[tuple[RawPrediction, bytes, dict[str, Any], dict[str, Any]]]:
@@ -245,6 +274,7 @@ class ServingBackend:
     # -- model lifecycle (admin) ---------------------------------------------------------------
 
     async def model_status(self) -> dict[str, Any]:
+        await self.follow_champion_signal()  # /model shows what the next prediction will use
         status = await self.runner.status()
         model = status.get("model")
         if model:
@@ -258,6 +288,10 @@ class ServingBackend:
         result = await self.runner.reload()
         if "error" in result:
             raise HttpProblem(409, f"reload failed, still serving the previous model: {result['error']}")
+        # the other API workers reload before their next prediction; this one already has
+        stamp = self.champion_signal.send("reload")
+        if stamp is not None:
+            self._followed_stamp = stamp
         await self.model_status()
         return result
 

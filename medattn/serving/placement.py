@@ -195,6 +195,10 @@ class InProcessModel:
     def close(self) -> None:
         self.follower.stop()
 
+    def follow_champion(self) -> bool:
+        """Load the current champion into this process now (the champion signal; blocking)."""
+        return self.follower.refresh()
+
     def local_predictor(self) -> Optional[Predictor]:
         """The model this process holds now (None: still loading, failed, or served by the runner).
 

@@ -49,13 +49,15 @@ for a large model); on an accelerator always the runner, whose batches keep it b
 ``torch_threads`` is the intra-op thread count of the process that runs the model (the runner,
 or the API worker when it serves in process). Half the cores leaves the rest to the API
 worker's decoding of uploads and encoding of attention PNGs: best for a light model (the demo
-``small_cnn`` serves 1.6x faster than with all cores on 2 cores). When the model dominates
+``small_cnn`` serves 1.6x faster than with all cores on 2 cores); n API workers serving in
+process share that half (at least one thread each). When the model dominates
 (ResNet-50 at 224 px), set it to the number of cores.
 
 Three more are read by ``serving/service.py`` when it is imported, because BentoML fixes them
 when the service class is defined: ``MEDATTN_BATCH_MAX_SIZE`` (16),
 ``MEDATTN_BATCH_MAX_LATENCY_MS`` (1000; see ``serving/service.py``) and ``MEDATTN_API_WORKERS``
-(1 HTTP worker process; the model runner is always one process). ``MEDATTN_INFERENCE`` is read
+(HTTP worker processes: one per core, at most 4, by default, :func:`api_workers_from_env`; the
+model runner is always one process). ``MEDATTN_INFERENCE`` is read
 there too (:func:`inference_mode_from_env`), because it decides whether the runner service exists.
 """
 
@@ -135,6 +137,11 @@ class ServingSettings:
     def runner_torch_threads(self) -> int:
         """Intra-op threads of the model runner: the API worker decodes and encodes PNGs meanwhile."""
         return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+
+    def in_process_torch_threads(self, api_workers: int) -> int:
+        """Intra-op threads of each of ``api_workers`` workers serving in process: half the cores
+        shared among them (the other half decodes and encodes), at least one each."""
+        return self.torch_threads or max(1, (os.cpu_count() or 2) // (2 * max(1, api_workers)))
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -234,6 +241,30 @@ def inference_mode_from_env(environ: Optional[Mapping[str, str]] = None) -> str:
         return _inference_mode(value, "MEDATTN_INFERENCE")
     from_file = _read_config_file(env.get(CONFIG_FILE_ENV)).get("inference", "auto")
     return _inference_mode(from_file, f"{env.get(CONFIG_FILE_ENV)}: inference")
+
+
+#: most API worker processes chosen by default (each holds torch and, served in process, the model)
+MAX_DEFAULT_API_WORKERS = 4
+
+
+def api_workers_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
+    """``MEDATTN_API_WORKERS``, else one HTTP worker per CPU core up to :data:`MAX_DEFAULT_API_WORKERS`.
+
+    Read by the service at import (BentoML fixes ``workers`` when the class is defined). Several
+    workers are safe to follow one champion: an Accept / Roll back / reload in any of them is
+    seen by the others before their next prediction (:mod:`medattn.serving.champion_signal`).
+    """
+    env = os.environ if environ is None else environ
+    value = (env.get("MEDATTN_API_WORKERS") or "").strip()
+    if not value:
+        return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_API_WORKERS))
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ParamError(f"MEDATTN_API_WORKERS must be a whole number >= 1, got {value!r}")
+    return workers
 
 
 def bentoml_serve_command(host: str = "127.0.0.1", port: int = 3000) -> list[str]:

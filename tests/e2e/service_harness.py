@@ -81,6 +81,9 @@ def service_env(workdir: Path, tracking_uri: str, tokens: dict[str, str], **over
         "MEDATTN_STATE_DIR": str(workdir / "state"),
         "MEDATTN_TOKENS_FILE": str(tokens_file),
         "MEDATTN_POLL_SECONDS": "0",
+        # one HTTP worker unless a test asks for more: the suite runs several servers at once on
+        # few cores (test_service_workers.py covers several workers following one champion)
+        "MEDATTN_API_WORKERS": "1",
         "MEDATTN_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "MEDATTN_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS),
         "MEDATTN_MAX_BATCH_IMAGES": "4",

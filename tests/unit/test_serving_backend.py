@@ -116,3 +116,50 @@ def test_a_bad_image_in_process_is_refused_and_nothing_is_stored(predictor, tmp_
     with backend.store.engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM predictions")).scalar_one() == 0
     backend.close()
+
+
+class FollowingClient(LocalClient):
+    """An in-process worker's client that, told to follow, loads what the registry now names."""
+
+    def __init__(self, registry: dict[str, Predictor]) -> None:
+        super().__init__(registry["champion"])
+        self.registry = registry
+        self.follows = 0
+
+    def follow_champion(self) -> bool:
+        self.follows += 1
+        if self.registry.get("broken"):
+            raise RuntimeError("registry unreachable")
+        changed = self.predictor is not self.registry["champion"]
+        self.predictor = self.registry["champion"]
+        return changed
+
+    async def reload(self) -> dict[str, Any]:
+        return {"changed": self.follow_champion()}
+
+
+def test_a_reload_in_one_worker_makes_the_others_serve_the_new_champion_at_their_next_request(tmp_path):
+    model, spec = tiny_model()
+    registry = {"champion": Predictor(model, spec, ModelRef("tiny", "1"))}
+    first, second = FollowingClient(registry), FollowingClient(registry)
+    # two API workers of one service: the same state dir, their own feedback connection and model
+    worker_a, worker_b = backend_with(first, tmp_path), backend_with(second, tmp_path)
+    try:
+        upload = [Upload(png(0), "image/png")]
+        assert anyio.run(worker_b.predict, upload)[0]["model"]["version"] == "1"
+        assert second.follows == 0  # no signal yet: nothing to follow, no registry call per request
+        registry["champion"] = Predictor(model, spec, ModelRef("tiny", "2"))  # the alias moved
+        anyio.run(worker_a.reload)  # an Accept / Roll back / admin reload, in worker A
+        assert anyio.run(worker_b.predict, upload)[0]["model"]["version"] == "2"
+        assert second.follows == 1
+        anyio.run(worker_b.predict, upload)
+        assert second.follows == 1  # followed once per signal, not per request
+        # a failed follow keeps the old model serving and is not retried on every request
+        registry["champion"], registry["broken"] = Predictor(model, spec, ModelRef("tiny", "3")), True
+        worker_a.champion_signal.send("another reload")
+        assert anyio.run(worker_b.predict, upload)[0]["model"]["version"] == "2"
+        anyio.run(worker_b.predict, upload)
+        assert second.follows == 2
+    finally:
+        worker_a.close()
+        worker_b.close()

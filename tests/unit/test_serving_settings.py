@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,15 @@ def test_inference_mode_defaults_to_auto_and_the_variable_wins_over_the_file(rep
     assert inference_mode_from_env({}) == "auto"
     with pytest.raises(ParamError, match="MEDATTN_INFERENCE"):
         inference_mode_from_env({"MEDATTN_INFERENCE": "sometimes"})
+
+
+def test_api_workers_default_to_one_per_core_up_to_four_and_bad_values_are_refused(monkeypatch) -> None:
+    from medattn.serving.settings import MAX_DEFAULT_API_WORKERS, api_workers_from_env
+
+    for cores, want in ((1, 1), (2, 2), (16, MAX_DEFAULT_API_WORKERS)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert api_workers_from_env({}) == want
+    assert api_workers_from_env({"MEDATTN_API_WORKERS": " 3 "}) == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ParamError, match="MEDATTN_API_WORKERS"):
+            api_workers_from_env({"MEDATTN_API_WORKERS": bad})
