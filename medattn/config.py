@@ -152,6 +152,9 @@ class RecalibrateParams:
     holdout_fraction: float = 0.2
     # feedback images per training step (rotating through all of them)
     feedback_batch_size: int = 16
+    # also train on each feedback image with its irrelevant regions taken from another training
+    # image (same place, same label): the experts said those pixels do not decide the class
+    counterfactual: bool = True
 
 
 @dataclass(frozen=True)

@@ -341,12 +341,15 @@ def _run(params: Params, snapshot_dir: Path, dataset_dir: Path, store: FeedbackS
     val, _, _ = _labelled(dataset_dir, "val", spec.mean, spec.std)
     test, _, _ = _labelled(dataset_dir, "test", spec.mean, spec.std)
     train, relabelled = _with_corrected_labels(train, train_sha, [records[i] for i in train_index], class_names)
-    # images the training split holds get CE there already; the feedback loss adds CE for the others only
-    in_train = set(train_sha)
+    # images the training split holds get their plain CE there already (the feedback loss adds it
+    # for the others only); all of them keep their label for the counterfactual CE
+    position = {sha: i for i, sha in enumerate(train_sha)}
     fb = targets.subset(train_index)
-    outside = [lab if records[i].image_sha256 not in in_train else NO_LABEL
-               for i, lab in zip(train_index, fb.labels.tolist(), strict=True)]
-    fb = replace(fb, labels=torch.tensor(outside, dtype=torch.long))
+    shas = [records[i].image_sha256 for i in train_index]
+    known = [int(train.labels[position[sha]]) if sha in position else label  # corrections already applied
+             for sha, label in zip(shas, fb.labels.tolist(), strict=True)]
+    fb = replace(fb, labels=torch.tensor(known, dtype=torch.long),
+                 in_training=torch.tensor([sha in position for sha in shas], dtype=torch.bool))
     mechanism = mechanism_for(champion)
 
     # the champion thawed (seed 001's frozen M may move again), saved as the bundle fit starts from
@@ -358,7 +361,8 @@ def _run(params: Params, snapshot_dir: Path, dataset_dir: Path, store: FeedbackS
                            pixel_rank=spec.pixel_rank)
     train_params = replace(params.train, epochs=rp.epochs, cutoff_epoch=rp.epochs, lr=rp.lr)
     loss = FeedbackLoss(fb, gamma=rp.gamma, distance=rp.distance, mechanism=mechanism,
-                        batch_size=rp.feedback_batch_size)
+                        batch_size=rp.feedback_batch_size, counterfactual=rp.counterfactual,
+                        seed=params.train.seed)
     tags = {"stage": "recalibrate", "parent_version": champion_info.version,
             "snapshot_dvc_hash": snapshot_dvc_hash(snapshot_dir) or "none",
             "snapshot_sha256": snapshot_content_hash(snapshot_dir),

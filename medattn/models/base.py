@@ -115,6 +115,15 @@ class AttentionModel(nn.Module):
         """
         return None
 
+    def forward_with_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(*forward(x), attention_logits(x))``: what the feedback loss needs from one step.
+
+        Models whose map is a sigmoid of scores override it to compute the scores once (the
+        default runs the attention network twice: once in ``forward``, once for the scores).
+        """
+        logits, attention = self(x)
+        return logits, attention, self.attention_logits(x)
+
 
 ModelT = TypeVar("ModelT", bound=type[AttentionModel])
 

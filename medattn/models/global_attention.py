@@ -266,6 +266,13 @@ class GlobalPixelAttention(AttentionModel):
         logits = self.image_cnn(x * m)
         return logits, m.expand(x.shape[0], 1, x.shape[2], x.shape[3])
 
+    def forward_with_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        scores = self.attention_logits(x)
+        if scores is None:  # frozen: M is a buffer, there are no scores to move
+            return (*self(x), None)
+        m = torch.sigmoid(scores)  # == attention_map() while learning: one pixel-CNN pass, not two
+        return self.image_cnn(x * m), m.expand(x.shape[0], 1, x.shape[2], x.shape[3]), scores
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         # Here rather than in load_state_dict: this also runs when the model is loaded as part of
         # a larger module. The one read of the buffer's value per load keeps the mirror in step.

@@ -75,3 +75,8 @@ class InputAttention(AttentionModel):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attention = self.gate(x)
         return self.image_cnn(x * attention), attention
+
+    def forward_with_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = self.gate.scores(x)
+        attention = torch.sigmoid(scores)  # == self.gate(x), computed once
+        return self.image_cnn(x * attention), attention, scores

@@ -30,11 +30,22 @@ its scores (``attention_logits``, the model contract) the distance is taken from
 maximum 1/4 (:func:`_map_from_scores`), so their gradient is at least the true one and never
 vanishes. Models without scores fall back to the distance on the map itself.
 
+**Counterfactuals.** A map term alone does not undo a shortcut that ROIs cover on a few images:
+a soft map only *scales* the irrelevant region down, and the cross-entropy on the many training
+images nobody annotated keeps rewarding the image CNN for reading what is left of it (measured:
+decoy mass down 49x, every stamped image still called top grade). The expert's mark also says
+something about the label: *this region does not decide the class*. So each feedback image with
+an irrelevant region is shown again with that region's pixels taken from another image of the
+current training batch (same place; Teso & Kersting's counter-examples), under the image's own
+label: the region's content no longer goes with the label, on exactly the images the experts
+chose. ``counterfactual=False`` turns this off.
+
 Next to the attention term, feedback images the training split does not hold get their
 cross-entropy under the expert's label (a corrected label replaces the image's label; images
-without any known label add no CE). :class:`FeedbackLoss` is an ``extra_loss`` for
-:func:`medattn.training.fit.fit`: it runs the model on a rotating mini-batch of the feedback
-images at every training step and returns the named terms.
+without any known label add no CE); counterfactuals get theirs whenever the label is known.
+:class:`FeedbackLoss` is an ``extra_loss`` for :func:`medattn.training.fit.fit`: it runs the
+model on a rotating mini-batch of the feedback images at every training step and returns the
+named terms.
 """
 
 from __future__ import annotations
@@ -66,11 +77,15 @@ class FeedbackTargets:
     images: torch.Tensor  # float (F, C, H, W), normalised like the training images
     masks: torch.Tensor  # uint8 (F, 1, H, W): 255 relevant, 0 irrelevant, 128 untouched
     labels: torch.Tensor  # int64 (F,): the label to train CE with, NO_LABEL when none is known
+    # bool (F,): images the training split holds (their plain CE is fit's own); None = none of them
+    in_training: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         if not (self.images.shape[0] == self.masks.shape[0] == self.labels.shape[0] == n):
             raise ValueError("FeedbackTargets: ids, images, masks and labels must have one entry per image")
+        if self.in_training is not None and self.in_training.shape != (n,):
+            raise ValueError("FeedbackTargets: in_training must have one flag per image")
         if self.masks.shape[-2:] != self.images.shape[-2:]:
             raise ValueError(f"FeedbackTargets: masks {tuple(self.masks.shape[-2:])} and images "
                              f"{tuple(self.images.shape[-2:])} differ in size")
@@ -81,7 +96,13 @@ class FeedbackTargets:
     def subset(self, index: torch.Tensor | list[int]) -> "FeedbackTargets":
         index = torch.as_tensor(index, dtype=torch.long)
         return FeedbackTargets([self.ids[i] for i in index.tolist()], self.images[index], self.masks[index],
-                               self.labels[index])
+                               self.labels[index], None if self.in_training is None else self.in_training[index])
+
+    def trained(self) -> torch.Tensor:
+        """bool (F,): which images fit already trains on (plain CE)."""
+        if self.in_training is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.in_training.to(torch.bool)
 
 
 def relevant_region(masks: torch.Tensor) -> torch.Tensor:
@@ -154,13 +175,33 @@ def map_distance(attention: torch.Tensor, target: torch.Tensor, drawn: torch.Ten
     return (per_image[has_any] / counts[has_any]).mean()
 
 
-def input_gradient_saliency(model: nn.Module, images: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """(B, 1, H, W): squared gradient of Σ log p w.r.t. the input, summed over channels (Ross et al.)."""
+def _saliency_and_logits(model: nn.Module, images: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = images.detach().requires_grad_(True)
     logits, _ = model(x)
     log_probs = F.log_softmax(logits, dim=1).sum()
     (grad,) = torch.autograd.grad(log_probs, x, create_graph=create_graph)
-    return (grad ** 2).sum(dim=1, keepdim=True)
+    return (grad ** 2).sum(dim=1, keepdim=True), logits
+
+
+def input_gradient_saliency(model: nn.Module, images: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """(B, 1, H, W): squared gradient of Σ log p w.r.t. the input, summed over channels (Ross et al.)."""
+    return _saliency_and_logits(model, images, create_graph)[0]
+
+
+def counterfactual_images(images: torch.Tensor, masks: torch.Tensor, donors: Optional[torch.Tensor],
+                          generator: torch.Generator) -> torch.Tensor:
+    """``images`` with each irrelevant region's pixels taken from a random donor image, same place.
+
+    ``donors`` (D, C, H, W), normalised like ``images``: the current training batch. Without donors
+    of the same shape the region is set to 0 (the training set's mean, after normalisation).
+    """
+    irrelevant = irrelevant_region(masks).expand_as(images)
+    if donors is None or donors.shape[1:] != images.shape[1:] or donors.shape[0] == 0:
+        fill = torch.zeros_like(images)
+    else:
+        pick = torch.randint(donors.shape[0], (images.shape[0],), generator=generator)
+        fill = donors.detach()[pick.to(donors.device)].to(images.dtype)
+    return torch.where(irrelevant, fill, images)
 
 
 def region_shares(saliency: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +258,8 @@ class FeedbackLoss:
     """``extra_loss`` for ``fit``: CE on the feedback images + γ · the mechanism's attention term."""
 
     def __init__(self, feedback: FeedbackTargets, gamma: float, distance: str = "l2",
-                 mechanism: Optional[str] = None, batch_size: int = 16, ce_weight: float = 1.0) -> None:
+                 mechanism: Optional[str] = None, batch_size: int = 16, ce_weight: float = 1.0,
+                 counterfactual: bool = True, seed: int = 0) -> None:
         if len(feedback) == 0:
             raise ParamError("the feedback loss needs at least one feedback image")
         if gamma < 0:
@@ -228,8 +270,10 @@ class FeedbackLoss:
             raise ParamError(f"feedback mechanism must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
         self.feedback, self.gamma, self.distance = feedback, gamma, distance
         self.mechanism, self.batch_size, self.ce_weight = mechanism, max(1, batch_size), ce_weight
+        self.counterfactual = counterfactual
         self._next = 0
         self._global_target = combined_global_target(feedback.masks)
+        self._donor_picks = torch.Generator().manual_seed(seed)
 
     def _batch(self) -> torch.Tensor:
         """The next feedback mini-batch, rotating through all images (deterministic)."""
@@ -245,33 +289,49 @@ class FeedbackLoss:
         device = next(model.parameters()).device
         part = self.feedback.subset(self._batch())
         images, masks, labels = part.images.to(device), part.masks.to(device), part.labels.to(device)
+        known = labels != NO_LABEL
+        # counterfactual copies of the images with an irrelevant region and a known label
+        counter = (known & irrelevant_region(masks).flatten(1).any(1)) if self.counterfactual else \
+            torch.zeros_like(known)
+        n_counter = int(counter.sum())
+        if n_counter:
+            donors = getattr(step, "images", None)
+            extra = counterfactual_images(images[counter], masks[counter], donors, self._donor_picks)
+            batch, batch_masks = torch.cat([images, extra]), torch.cat([masks, masks[counter]])
+        else:
+            batch, batch_masks = images, masks
         terms: dict[str, torch.Tensor] = {}
         if mechanism == INPUT_GRADIENT:
-            saliency = input_gradient_saliency(model, images, create_graph=True)
-            _, inside_irrelevant = region_shares(saliency, masks)
-            has_irrelevant = irrelevant_region(masks).flatten(1).any(1)
+            # counterfactuals included: the region is irrelevant whatever another image put there
+            saliency, logits = _saliency_and_logits(model, batch, create_graph=True)
+            _, inside_irrelevant = region_shares(saliency, batch_masks)
+            has_irrelevant = irrelevant_region(batch_masks).flatten(1).any(1)
             penalty = inside_irrelevant[has_irrelevant].mean() if bool(has_irrelevant.any()) else saliency.sum() * 0
             terms["feedback_attention"] = self.gamma * penalty
-            logits, _ = model(images)
         else:
-            logits, attention = model(images)
-            scores = attention_scores(model, images)
+            forward = getattr(model, "forward_with_scores", None)
+            logits, attention, scores = forward(batch) if callable(forward) else (*model(batch), None)
             if mechanism == GLOBAL_MAP:
                 target, drawn = (t.to(device) for t in self._global_target)
                 distance = map_distance(attention[:1], target.to(attention.dtype), drawn, self.distance,
                                         scores=None if scores is None else scores[:1])
             else:
-                target = relevant_region(masks).to(attention.dtype)
-                distance = map_distance(attention, target, masks != 128, self.distance, scores=scores)
+                # counterfactuals too: the region is irrelevant whatever another image put there
+                target = relevant_region(batch_masks).to(attention.dtype)
+                distance = map_distance(attention, target, batch_masks != 128, self.distance, scores=scores)
             terms["feedback_attention"] = self.gamma * distance
-        known = labels != NO_LABEL
-        if bool(known.any()) and self.ce_weight > 0:
-            terms["feedback_ce"] = self.ce_weight * F.cross_entropy(logits[known], labels[known])
+        if self.ce_weight > 0:
+            plain = known & ~counter & ~part.trained().to(device)
+            ce_logits = torch.cat([logits[:len(images)][plain], logits[len(images):]])
+            ce_labels = torch.cat([labels[plain], labels[counter]])
+            if ce_labels.numel():
+                terms["feedback_ce"] = self.ce_weight * F.cross_entropy(ce_logits, ce_labels)
         return terms
 
 
 __all__ = [
     "DISTANCES", "FeedbackLoss", "FeedbackTargets", "GLOBAL_MAP", "INPUT_GRADIENT", "MECHANISMS", "NO_LABEL",
-    "PER_IMAGE_MAP", "adjusted_target", "attention_scores", "combined_global_target", "explanation_maps", "input_gradient_saliency",
+    "PER_IMAGE_MAP", "adjusted_target", "attention_scores", "combined_global_target", "counterfactual_images",
+    "explanation_maps", "input_gradient_saliency",
     "map_distance", "mechanism_for", "region_shares", "thawed_state",
 ]

@@ -30,6 +30,7 @@ from medattn.training.feedback_loss import (
     FeedbackTargets,
     adjusted_target,
     combined_global_target,
+    counterfactual_images,
     explanation_maps,
     map_distance,
     mechanism_for,
@@ -199,3 +200,47 @@ def test_distances_keep_their_value_when_taken_from_scores() -> None:
     # BCE from the scores is exact where the clamped BCE on the map is capped
     exact = torch.nn.functional.binary_cross_entropy_with_logits(scores, target)
     assert torch.isclose(map_distance(maps, target, drawn, "bce", scores=scores), exact)
+
+
+def test_counterfactual_takes_only_irrelevant_pixels_from_a_donor_in_place() -> None:
+    images = torch.zeros(3, 3, SIZE, SIZE)
+    donors = torch.arange(2, dtype=torch.float32).add(5.0).view(2, 1, 1, 1).expand(2, 3, SIZE, SIZE).clone()
+    masks = torch.full((3, 1, SIZE, SIZE), UNTOUCHED, dtype=torch.uint8)
+    masks[:, :, MARKER[0], MARKER[1]] = IRRELEVANT
+    masks[:, :, LESION[0], LESION[1]] = RELEVANT
+    out = counterfactual_images(images, masks, donors, torch.Generator().manual_seed(0))
+    inside = (masks == IRRELEVANT).expand_as(out)
+    assert bool((out[~inside] == 0).all())  # relevant and untouched pixels are the image's own
+    assert set(out[inside].unique().tolist()) <= {5.0, 6.0}  # the region is a donor's, same place
+    # donors of another size (or none): the region is set to the normalised mean, 0
+    filled = counterfactual_images(images + 1, masks, donors[:, :, :4, :4], torch.Generator().manual_seed(0))
+    assert bool((filled[inside] == 0).all()) and bool((filled[~inside] == 1).all())
+
+
+def test_training_images_with_an_irrelevant_roi_get_a_counterfactual_cross_entropy() -> None:
+    train = toy_split(8, 0)
+    in_training = replace(feedback_for(train, 4), in_training=torch.ones(4, dtype=torch.bool))
+    model = fit(ModelParams(attention="input_attention", K=4), TrainParams(epochs=1, cutoff_epoch=1, device="cpu"),
+                train, train, class_names=CLASSES, progress=False).model.train()
+    # their plain CE is fit's own: without counterfactuals the loss adds none
+    assert set(FeedbackLoss(in_training, gamma=1.0, counterfactual=False)(model)) == {"feedback_attention"}
+    terms = FeedbackLoss(in_training, gamma=1.0)(model)
+    assert set(terms) == {"feedback_attention", "feedback_ce"} and float(terms["feedback_ce"].detach()) > 0
+
+
+def test_forward_with_scores_is_forward_and_scores_in_one_pass() -> None:
+    train = toy_split(16, 0)
+    for attention in ("global_pixel", "input_attention"):
+        model = _saturated(attention, train)
+        score = model.pixel_cnn.score if attention == "global_pixel" else model.gate.score
+        with torch.no_grad():
+            score.bias.fill_(0.3)
+        model.eval()  # no dropout: two passes must agree
+        x = train.images[:4]
+        logits, maps, scores = model.forward_with_scores(x)
+        want_logits, want_maps = model(x)
+        assert torch.allclose(logits, want_logits, atol=1e-6) and torch.allclose(maps, want_maps, atol=1e-6)
+        assert torch.allclose(scores, model.attention_logits(x), atol=1e-6)
+    frozen = _saturated("global_pixel", train)
+    frozen.freeze()
+    assert frozen.forward_with_scores(train.images[:2])[2] is None
