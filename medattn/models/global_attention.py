@@ -152,6 +152,8 @@ class GlobalPixelAttention(AttentionModel):
         # from: evaluation passes reuse it until a parameter or P changes (see _map_key)
         self._cached_map: Optional[torch.Tensor] = None
         self._cached_key: Optional[tuple] = None
+        # the pixel CNN still has its construction-time init (no state loaded): see _attach_pixels
+        self._fresh_init = True
 
     @classmethod
     def build(cls, spec: ModelSpec, image_cnn: nn.Module) -> "GlobalPixelAttention":
@@ -199,8 +201,29 @@ class GlobalPixelAttention(AttentionModel):
     def _attach_pixels(self, source: torch.Tensor) -> None:
         """Attach P built from the training images: as is, or compressed to its top-R subspace."""
         if self.pixel_rank > 0:
+            if self._fresh_init:
+                self._init_as_projection(source.shape[1])
             source = compress_pixels(source, channel_basis(source, self.n_pixel_channels))
+        self._fresh_init = False
         self.set_pixel_representation(source)
+
+    @torch.no_grad()
+    def _init_as_projection(self, source_channels: int) -> None:
+        """Scale the fresh first convolution by sqrt(R / NC): the init of the uncompressed model, projected.
+
+        PyTorch initialises a convolution by its fan-in, 9R here against 9NC over P as is, so W' of
+        the compressed model started sqrt(NC / R) times larger than W·U, the projection of the
+        uncompressed model's init onto U (the same per-entry scale as W: U is orthonormal). Z's
+        R channels carry nearly all of P's energy, so the first scores were that much larger too
+        (at NC = 1944, R = 32: about 8x), the sigmoid started near saturation and some seeds turned
+        M away from the lesions for good. With this scale the compressed model at init IS the
+        uncompressed one projected (conv(W·U, Z) = conv(W, P) at full rank), and gradient descent on
+        W' is gradient descent on W restricted to span(U) at the same learning rate.
+        """
+        scale = (self.n_pixel_channels / max(source_channels, self.n_pixel_channels)) ** 0.5
+        self.pixel_cnn.hidden.weight.mul_(scale)
+        if self.pixel_cnn.hidden.bias is not None:
+            self.pixel_cnn.hidden.bias.mul_(scale)
 
     def set_pixel_representation(self, pixels: torch.Tensor) -> None:
         """Attach P, shaped (1, NC, H, W) (already normalised like the model input)."""
@@ -277,6 +300,7 @@ class GlobalPixelAttention(AttentionModel):
         # Here rather than in load_state_dict: this also runs when the model is loaded as part of
         # a larger module. The one read of the buffer's value per load keeps the mirror in step.
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fresh_init = False  # trained weights: never rescaled (see _init_as_projection)
         self._frozen = bool(self.is_frozen)
         self._drop_cached_map()
         # a restored earlier epoch may be unfrozen again: its pixel CNN must train (and P return)

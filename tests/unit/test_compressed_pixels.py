@@ -76,3 +76,35 @@ def test_negative_rank_is_a_param_error(tmp_path) -> None:
     path.write_text("model:\n  pixel_rank: -1\n")
     with pytest.raises(ParamError, match="model.pixel_rank"):
         load_params(path)
+
+
+def _first_scores(rank: int, images: torch.Tensor, seed: int) -> torch.Tensor:
+    from medattn.models.global_attention import GlobalPixelAttention
+
+    n, c, size, _ = images.shape
+    torch.manual_seed(seed)
+    model = GlobalPixelAttention(torch.nn.Identity(), rank or n * c, 8, size, pixel_rank=rank)
+    model.before_training(images)
+    with torch.no_grad():
+        return model.pixel_cnn.hidden(model.pixel_representation)
+
+
+def test_a_fresh_compressed_model_starts_at_the_scale_of_the_uncompressed_one() -> None:
+    # NC = 240 channels, R = 15: with PyTorch's fan-in init alone the compressed first layer
+    # started sqrt(240 / 15) = 4x larger (and some seeds collapsed, BENCHMARKS "Pixel-rank sweep")
+    images = torch.rand(80, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 2 - 0.5
+    ratios = [float(_first_scores(15, images, s).std() / _first_scores(0, images, s).std()) for s in range(4)]
+    assert 0.6 < sum(ratios) / len(ratios) < 1.6, ratios
+
+
+def test_loaded_weights_are_never_rescaled() -> None:
+    from medattn.models.global_attention import GlobalPixelAttention
+
+    images = torch.rand(20, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    trained = GlobalPixelAttention(torch.nn.Identity(), 6, 4, 8, pixel_rank=6)
+    restored = GlobalPixelAttention(torch.nn.Identity(), 6, 4, 8, pixel_rank=6)
+    restored.load_state_dict(trained.state_dict())
+    restored.before_training(images)  # fine-tuning from a saved model: its weights as saved
+    assert torch.equal(restored.pixel_cnn.hidden.weight, trained.pixel_cnn.hidden.weight)
+    trained.before_training(images)  # fresh: scaled once, by sqrt(6 / 60)
+    assert torch.allclose(trained.pixel_cnn.hidden.weight, restored.pixel_cnn.hidden.weight * (6 / 60) ** 0.5)
