@@ -428,7 +428,7 @@ def run_case(base: Params, cfg: ProofConfig, seed: int, model: str, work: Path, 
             "champion_version": champion_version, "challenger_version": result["version"],
             "gate": {"eligible": result["eligible"], "reason": result["reason"], "mechanism": result["mechanism"],
                      "consumed": result["consumed"], "held_out": len(result["held_out_ids"])},
-            "registered_test_macro_f1": own["macro_f1"], "figure": str(figure),
+            "registered_test_macro_f1": own["macro_f1"], "figure": f"figures/{figure.name}",  # relative to the report folder
             "seconds": round(time.perf_counter() - started, 1)}
     done.write_text(json.dumps({"config": asdict(cfg), "case": outcome}, indent=2))
     return outcome

@@ -249,10 +249,13 @@ def in_process_call(tracking_uri: str, model_name: str, cache: Path, torch_threa
 
 
 def server_torch_threads(extra_env: dict[str, str]) -> int:
-    """The model's intra-op threads in the server (``MEDATTN_TORCH_THREADS``; 0 = half the cores)."""
+    """The model's intra-op threads in one server worker serving in process (``MEDATTN_TORCH_THREADS``;
+    0 = half the cores shared by the API workers, as ``ServingSettings.in_process_torch_threads``)."""
+    from medattn.serving.settings import api_workers_from_env
+
     configured = int(extra_env.get("MEDATTN_TORCH_THREADS", "0") or 0)
-    # as ServingSettings.runner_torch_threads
-    return configured or max(1, (os.cpu_count() or 2) // 2)
+    workers = api_workers_from_env(extra_env)
+    return configured or max(1, (os.cpu_count() or 2) // (2 * workers))
 
 
 class Server:
