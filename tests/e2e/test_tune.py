@@ -39,11 +39,11 @@ SPACE = {
         "lambda_l1": {"low": 0.0001, "high": 0.1, "log": True},
         "cutoff_epoch": {"low": 1, "high": 2},
         # 1e-6 learns nothing in 3 epochs: a trial the pruner must stop
-        "lr": {"choices": [0.000001, 0.005]},
+        "lr": {"choices": [0.000001, 0.02]},
     },
 }
 TUNE_PARAMS = {
-    "data.synthetic.n_images": 96, "train.epochs": 3, "train.cutoff_epoch": 2, "train.lr": 0.005,
+    "data.synthetic.n_images": 96, "train.epochs": 3, "train.cutoff_epoch": 2, "train.lr": 0.02,
     "tune.n_trials": TRIALS, "tune.space": SPACE, "tune.pruner.n_startup_trials": 1,
     "tune.pruner.n_warmup_steps": 0,
 }
@@ -86,7 +86,7 @@ def test_tiny_study_through_dvc_prunes_writes_best_params_and_nested_runs(worksp
     assert states.count("complete") + states.count("pruned") >= TRIALS
     assert best["trials"]["pruned"] == states.count("pruned")
     best_params = yaml.safe_load((workspace.root / "reports/tune/best_params.yaml").read_text())
-    assert set(best_params) == {"model", "train"} and best_params["train"]["lr"] in (0.000001, 0.005)
+    assert set(best_params) == {"model", "train"} and best_params["train"]["lr"] in (0.000001, 0.02)
     assert best_params["model"]["K"] == best["params"]["model.K"]
     assert f"dvc exp run -S model.K={best_params['model']['K']}" in (
         workspace.root / "reports/tune/best_params.yaml").read_text()
