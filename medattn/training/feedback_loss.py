@@ -42,7 +42,8 @@ chose. ``counterfactual=False`` turns this off.
 
 Next to the attention term, feedback images the training split does not hold get their
 cross-entropy under the expert's label (a corrected label replaces the image's label; images
-without any known label add no CE); counterfactuals get theirs whenever the label is known.
+without any known label add no CE; one with an irrelevant region gets it on its counterfactual
+instead); counterfactuals get theirs whenever the label is known, training images included.
 :class:`FeedbackLoss` is an ``extra_loss`` for :func:`medattn.training.fit.fit`: it runs the
 model on a rotating mini-batch of the feedback images at every training step and returns the
 named terms.
