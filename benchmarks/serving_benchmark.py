@@ -251,11 +251,10 @@ def in_process_call(tracking_uri: str, model_name: str, cache: Path, torch_threa
 def server_torch_threads(extra_env: dict[str, str]) -> int:
     """The model's intra-op threads in one server worker serving in process (``MEDATTN_TORCH_THREADS``;
     0 = half the cores shared by the API workers, as ``ServingSettings.in_process_torch_threads``)."""
-    from medattn.serving.settings import api_workers_from_env
+    from medattn.serving.settings import api_workers_from_env, in_process_torch_threads
 
     configured = int(extra_env.get("MEDATTN_TORCH_THREADS", "0") or 0)
-    workers = api_workers_from_env(extra_env)
-    return configured or max(1, (os.cpu_count() or 2) // (2 * workers))
+    return in_process_torch_threads(configured, api_workers_from_env(extra_env))
 
 
 class Server:

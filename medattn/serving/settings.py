@@ -139,9 +139,8 @@ class ServingSettings:
         return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
 
     def in_process_torch_threads(self, api_workers: int) -> int:
-        """Intra-op threads of each of ``api_workers`` workers serving in process: half the cores
-        shared among them (the other half decodes and encodes), at least one each."""
-        return self.torch_threads or max(1, (os.cpu_count() or 2) // (2 * max(1, api_workers)))
+        """Intra-op threads of each of ``api_workers`` workers serving in process (:func:`in_process_torch_threads`)."""
+        return in_process_torch_threads(self.torch_threads, api_workers)
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -241,6 +240,12 @@ def inference_mode_from_env(environ: Optional[Mapping[str, str]] = None) -> str:
         return _inference_mode(value, "MEDATTN_INFERENCE")
     from_file = _read_config_file(env.get(CONFIG_FILE_ENV)).get("inference", "auto")
     return _inference_mode(from_file, f"{env.get(CONFIG_FILE_ENV)}: inference")
+
+
+def in_process_torch_threads(configured: int, api_workers: int) -> int:
+    """``configured`` (``MEDATTN_TORCH_THREADS``) if set, else half the cores shared among the API
+    workers serving in process (the other half decodes and encodes), at least one each."""
+    return configured or max(1, (os.cpu_count() or 2) // (2 * max(1, api_workers)))
 
 
 #: most API worker processes chosen by default (each holds torch and, served in process, the model)

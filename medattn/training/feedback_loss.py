@@ -221,12 +221,6 @@ def mechanism_for(model: nn.Module) -> str:
     return INPUT_GRADIENT
 
 
-def attention_scores(model: nn.Module, images: torch.Tensor) -> Optional[torch.Tensor]:
-    """The model's pre-sigmoid map scores through its contract hook, None where it has none."""
-    hook = getattr(model, "attention_logits", None)
-    return hook(images) if callable(hook) else None
-
-
 def explanation_maps(model: nn.Module, images: torch.Tensor, mechanism: str) -> torch.Tensor:
     """The map feedback is judged on: the attention map, or the input-gradient saliency (B, 1, H, W)."""
     if mechanism == INPUT_GRADIENT:
@@ -332,7 +326,7 @@ class FeedbackLoss:
 
 __all__ = [
     "DISTANCES", "FeedbackLoss", "FeedbackTargets", "GLOBAL_MAP", "INPUT_GRADIENT", "MECHANISMS", "NO_LABEL",
-    "PER_IMAGE_MAP", "adjusted_target", "attention_scores", "combined_global_target", "counterfactual_images",
+    "PER_IMAGE_MAP", "adjusted_target", "combined_global_target", "counterfactual_images",
     "explanation_maps", "input_gradient_saliency",
     "map_distance", "mechanism_for", "region_shares", "thawed_state",
 ]

@@ -174,19 +174,25 @@ def test_feedback_moves_a_saturated_map_down_on_the_irrelevant_region(attention:
     assert float(after[feedback.masks == RELEVANT].mean()) > float(after[marker].mean()) + 0.3
 
 
-def test_scores_give_the_map_and_a_frozen_global_map_has_none() -> None:
+def test_scores_give_the_map_in_one_pass_and_a_frozen_global_map_has_none() -> None:
     train = toy_split(16, 0)
+    x = train.images[:4]
     for attention in ("global_pixel", "input_attention"):
-        model = _saturated(attention, train)
+        model = _saturated(attention, train).eval()  # no dropout: two passes must agree
         score = model.pixel_cnn.score if attention == "global_pixel" else model.gate.score
         with torch.no_grad():
             score.bias.fill_(0.3)
-            scores = model.attention_logits(train.images[:4])
-            maps = model(train.images[:4])[1]
+            scores = model.attention_logits(x)
+            logits, maps = model(x)
+            # forward_with_scores: the same three in one pass of the attention network
+            one_logits, one_maps, one_scores = model.forward_with_scores(x)
         assert torch.allclose(torch.sigmoid(scores).expand_as(maps), maps)
+        assert torch.allclose(one_logits, logits, atol=1e-6) and torch.allclose(one_maps, maps, atol=1e-6)
+        assert torch.allclose(one_scores, scores, atol=1e-6)
     frozen = _saturated("global_pixel", train)
     frozen.freeze()
     assert frozen.attention_logits(train.images[:2]) is None
+    assert frozen.forward_with_scores(train.images[:2])[2] is None
 
 
 def test_distances_keep_their_value_when_taken_from_scores() -> None:
@@ -226,21 +232,3 @@ def test_training_images_with_an_irrelevant_roi_get_a_counterfactual_cross_entro
     assert set(FeedbackLoss(in_training, gamma=1.0, counterfactual=False)(model)) == {"feedback_attention"}
     terms = FeedbackLoss(in_training, gamma=1.0)(model)
     assert set(terms) == {"feedback_attention", "feedback_ce"} and float(terms["feedback_ce"].detach()) > 0
-
-
-def test_forward_with_scores_is_forward_and_scores_in_one_pass() -> None:
-    train = toy_split(16, 0)
-    for attention in ("global_pixel", "input_attention"):
-        model = _saturated(attention, train)
-        score = model.pixel_cnn.score if attention == "global_pixel" else model.gate.score
-        with torch.no_grad():
-            score.bias.fill_(0.3)
-        model.eval()  # no dropout: two passes must agree
-        x = train.images[:4]
-        logits, maps, scores = model.forward_with_scores(x)
-        want_logits, want_maps = model(x)
-        assert torch.allclose(logits, want_logits, atol=1e-6) and torch.allclose(maps, want_maps, atol=1e-6)
-        assert torch.allclose(scores, model.attention_logits(x), atol=1e-6)
-    frozen = _saturated("global_pixel", train)
-    frozen.freeze()
-    assert frozen.forward_with_scores(train.images[:2])[2] is None
