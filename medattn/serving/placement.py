@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+import anyio
 import numpy as np
 from anyio import to_thread
 
@@ -42,6 +43,7 @@ log = logging.getLogger("medattn.serving")
 IN_PROCESS = "in_process"
 RUNNER = "runner"
 TIMING_BATCH_SIZE = 8
+FIRST_LOAD_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,9 @@ class ChampionFollower:
         self._keep = keep
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        # Set once the first load has finished, loaded or failed: until then "no model" only
+        # means "not yet", and a request is better held than refused (InProcessModel.infer).
+        self.first_load_done = threading.Event()
         if record_metrics:
             self.metrics.clear_serving_model()
 
@@ -163,6 +168,8 @@ class ChampionFollower:
                 self.refresh()
             except Exception:  # noqa: BLE001 - logged in refresh; the next poll tries again
                 pass
+            finally:
+                self.first_load_done.set()
             if self.settings.poll_seconds <= 0 or self._stop.wait(self.settings.poll_seconds):
                 return
 
@@ -208,8 +215,23 @@ class InProcessModel:
         """
         return self.follower.slot.current
 
+    async def wait_for_first_load(self) -> None:
+        """Hold the caller until this process's first champion load has ended (at most ``load_wait_seconds``).
+
+        Several API workers share one socket, and ``/readyz`` is answered by whichever worker the
+        probe reaches: a worker still loading its model gets requests once another one is ready.
+        Refusing them (503) while the load is seconds from done is worse than waiting for it.
+        """
+        done = self.follower.first_load_done
+        deadline = time.monotonic() + self.follower.settings.load_wait_seconds
+        while not done.is_set() and time.monotonic() < deadline:
+            await anyio.sleep(FIRST_LOAD_POLL_S)
+
     async def infer(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         predictor = self.follower.slot.current  # one model for the whole request, even if a reload lands
+        if predictor is None and not self.follower.first_load_done.is_set():
+            await self.wait_for_first_load()
+            predictor = self.follower.slot.current
         if predictor is None:
             if self.runner is not None:
                 return await self.runner.infer(images)

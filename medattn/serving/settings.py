@@ -18,6 +18,7 @@ MEDATTN_MODEL_CACHE_DIR     model_cache_dir         ``<state_dir>/models``
 MEDATTN_TOKENS_FILE         tokens_file             none (then ``MEDATTN_TOKENS``, JSON)
 MEDATTN_OPEN_PREDICT        open_predict            false (true: /predict needs no token)
 MEDATTN_POLL_SECONDS        poll_seconds            30 (how often the champion alias is checked; 0 = never)
+MEDATTN_LOAD_WAIT_SECONDS   load_wait_seconds       60 (a prediction at a worker still loading its model waits this long, then 503)
 MEDATTN_MAX_UPLOAD_BYTES    max_upload_bytes        20 MiB per request
 MEDATTN_MAX_IMAGE_PIXELS    max_image_pixels        50 000 000 per image
 MEDATTN_MAX_BATCH_IMAGES    max_batch_images        16 images per /predict_batch
@@ -114,6 +115,7 @@ class ServingSettings:
     tokens_file: Optional[Path] = None
     open_predict: bool = False
     poll_seconds: float = 30.0
+    load_wait_seconds: float = 60.0
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_batch_images: int = 16
@@ -178,6 +180,7 @@ class ServingSettings:
             tokens_file=_path(raw["tokens_file"], root) if raw.get("tokens_file") else None,
             open_predict=_bool(raw.get("open_predict", False), where("open_predict")),
             poll_seconds=_number(raw.get("poll_seconds", 30.0), float, where("poll_seconds"), 0),
+            load_wait_seconds=_number(raw.get("load_wait_seconds", 60.0), float, where("load_wait_seconds"), 0),
             max_upload_bytes=_number(raw.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES), int,
                                      where("max_upload_bytes"), 1),
             max_image_pixels=_number(raw.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS), int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from pathlib import Path
 
 import anyio
@@ -126,3 +128,58 @@ def test_auto_answers_through_the_runner_while_it_has_no_model_of_its_own(regist
     client = loaded(InProcessModel(settings_for(tmp_path, max_ms=max_ms), runner=runner))  # no champion yet
     assert version_of(anyio.run(client.infer, [IMAGE])[0]) == "runner"
     assert anyio.run(client.status)["inference"]["where"] == RUNNER
+
+
+class GatedDownloads:
+    """Downloads that wait for ``gate``: the first champion load stays "in progress" until the test opens it."""
+
+    def __init__(self, registry: FakeRegistry) -> None:
+        self.registry = registry
+        self.gate = threading.Event()
+
+    def download(self, *args, **kwargs):
+        self.gate.wait(timeout=60)
+        return self.registry.download(*args, **kwargs)
+
+
+@pytest.mark.parametrize("runner", [None, FakeRunner()], ids=["in_process", "auto"])
+def test_a_request_during_the_first_load_waits_for_the_model_instead_of_failing(registry, tmp_path, monkeypatch,
+                                                                                 runner):
+    import medattn.registry as registry_module
+
+    registry.add_version("1", seed=1)
+    registry.champion = "1"
+    gated = GatedDownloads(registry)
+    monkeypatch.setattr(registry_module, "download_model_version", gated.download, raising=False)
+    client = InProcessModel(settings_for(tmp_path, max_ms=1e6), runner=runner)
+    answers: list[list[dict]] = []
+
+    async def scenario() -> None:
+        async def ask() -> None:
+            answers.append(await client.infer([IMAGE]))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(ask)
+            await anyio.sleep(0.3)
+            assert answers == []  # held while the model loads, not refused
+            gated.gate.set()
+
+    anyio.run(scenario)
+    assert version_of(answers[0][0]) == "1"
+    assert runner is None or runner.calls == []
+
+
+def test_a_worker_told_not_to_wait_answers_still_loading(registry, tmp_path, monkeypatch):
+    import medattn.registry as registry_module
+
+    registry.add_version("1", seed=1)
+    registry.champion = "1"
+    gated = GatedDownloads(registry)
+    monkeypatch.setattr(registry_module, "download_model_version", gated.download, raising=False)
+    settings = dataclasses.replace(settings_for(tmp_path, max_ms=1e6), load_wait_seconds=0)
+    client = InProcessModel(settings)
+    try:
+        assert anyio.run(client.infer, [IMAGE])[0]["error"] == "the champion model is still loading"
+    finally:
+        gated.gate.set()
+    assert version_of(anyio.run(loaded(client).infer, [IMAGE])[0]) == "1"
