@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -36,9 +37,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from medattn.atomic_files import write_json_atomic
-from medattn.config import Params
+from medattn.config import Params, load_params
 from medattn.errors import MedattnError, first_line
 from medattn.feedback.store import FeedbackStore
+
+log = logging.getLogger("medattn.feedback")
 
 RETRAIN_LOCK = "retrain.lock"
 SCHEDULER_LOCK = "scheduler.lock"
@@ -157,18 +160,22 @@ def write_state(state_root: Path, state: SchedulerState) -> None:
     set_recalibration_state({**state.to_json(), "scheduler_up": is_locked(state_dir_of(state_root) / SCHEDULER_LOCK)})
 
 
-def current_state(state_root: Path, store: Optional[FeedbackStore] = None,
-                  now: Optional[datetime] = None) -> SchedulerState:
+def current_state(state_root: Path, store: Optional[FeedbackStore] = None, now: Optional[datetime] = None,
+                  rules: Optional[tuple[int, float]] = None) -> SchedulerState:
     """The state as it is now, for a reader in another process (the service's ``/metrics``, the review page).
 
     ``running`` and ``scheduler_up`` come from the locks (a killed holder frees them, so a stale
     ``running: true`` in the file reads false); ``pending`` and the next interval run from the
-    store when given. Blocking (a file, two locks, two small queries): call it in a thread.
+    store when given. ``rules`` (min_feedback, interval_hours; :func:`rules_from_params`) stand in
+    until a check has recorded the ones it used, so the next run is known before the first check.
+    Blocking (a file, two locks, two small queries): call it in a thread.
     """
     state = read_state(state_root)
     folder = state_dir_of(state_root)
     state.running = is_locked(folder / RETRAIN_LOCK)
     state.scheduler_up = is_locked(folder / SCHEDULER_LOCK)
+    if rules is not None and (state.min_feedback is None or state.interval_hours is None):
+        state.min_feedback, state.interval_hours = int(rules[0]), float(rules[1])
     if store is not None:
         state.pending = store.count_pending()
         if state.interval_hours is not None and state.min_feedback is not None:
@@ -177,6 +184,19 @@ def current_state(state_root: Path, store: Optional[FeedbackStore] = None,
                                     state.min_feedback, timedelta(hours=state.interval_hours))
             state.next_run_at = next_run.isoformat() if next_run and state.pending else None
     return state
+
+
+def rules_from_params(repo_root: Path) -> Optional[tuple[int, float]]:
+    """(recalibrate.min_feedback, recalibrate.interval_hours) of ``<repo_root>/params.yaml``; None without a valid one."""
+    path = Path(repo_root) / "params.yaml"
+    if not path.is_file():
+        return None
+    try:
+        rp = load_params(path).recalibrate
+    except MedattnError as exc:  # a reader's fallback only: the scheduler itself reports a bad file
+        log.warning("%s: recalibration rules not read: %s", path, exc)
+        return None
+    return rp.min_feedback, float(rp.interval_hours)
 
 
 def oldest_pending_at(store: FeedbackStore) -> Optional[datetime]:

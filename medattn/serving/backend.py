@@ -25,8 +25,10 @@ from anyio import to_thread
 from medattn.errors import MedattnError, RegistryError
 from medattn.feedback.blobs import BlobStore
 from medattn.feedback.retention import UploadRetention
+from medattn.feedback.scheduler import rules_from_params
 from medattn.feedback.schema import FeedbackSubmission, InvalidFeedback, canonical_model_version
 from medattn.feedback.store import FeedbackRecord, FeedbackStore
+from medattn.registry.location import find_repo_root
 from medattn.serving import metrics
 from medattn.serving.auth import AuthError, Principal, Role
 from medattn.serving.champion_signal import ChampionSignal
@@ -109,6 +111,8 @@ class ServingBackend:
         self._followed_stamp = self.champion_signal.stamp()
         self._follow_lock = asyncio.Lock()
         self.metrics.set_feedback_waiting(self.store.count_pending())
+        # the rules the scheduler will apply (params.yaml), shown before its first check records its own
+        self.recalibration_rules = rules_from_params(find_repo_root())
 
     def close(self) -> None:
         self.writer.close()  # commits what is queued first

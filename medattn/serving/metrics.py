@@ -349,8 +349,8 @@ class RecalibrationStateOnScrape:
     ``/metrics``. Instead, each scrape asks :func:`medattn.feedback.scheduler.current_state`
     (the state file, the locks, the feedback store) and sets the gauges from the answer, so a
     scrape sees the state as it is at that moment, a killed retrain included. ``source`` gives
-    (state folder, feedback store) of the running service; a failure to read is logged and the
-    scrape still answered with the previous values.
+    (state folder, feedback store, params.yaml's recalibration rules) of the running service; a
+    failure to read is logged and the scrape still answered with the previous values.
     """
 
     def __init__(self, app, source=None) -> None:
@@ -370,8 +370,8 @@ class RecalibrationStateOnScrape:
         from medattn.feedback.scheduler import current_state
 
         try:
-            state_dir, store = self.source()
-            set_recalibration_state(current_state(state_dir, store).to_json())
+            state_dir, store, rules = self.source()
+            set_recalibration_state(current_state(state_dir, store, rules=rules).to_json())
         except Exception as exc:  # noqa: BLE001 - a scrape must still be answered
             logging.getLogger("medattn.serving").warning("recalibration state not refreshed: %s", exc)
 
@@ -380,7 +380,7 @@ def _service_state_source():
     import bentoml
 
     backend = bentoml.get_current_service().backend
-    return backend.settings.state_dir, backend.store
+    return backend.settings.state_dir, backend.store, backend.recalibration_rules
 
 
 # -- BentoML's request metrics, labelled by route template -------------------------------------

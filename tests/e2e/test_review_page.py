@@ -204,6 +204,8 @@ def test_review_page_end_to_end(served: Served, browser, upload: Path) -> None:
     assert np.allclose(poly["points"], POLYGON, atol=1.0)
     page.click("#sched-refresh")  # the new record now waits for a recalibration
     page.wait_for_selector("#sched-pending:text('1')")
+    # before any scheduler check, the next run follows params.yaml's rules (24 h after the record)
+    assert page.inner_text("#sched-next").endswith(" UTC"), page.inner_text("#sched-next")
 
     # differences: target raised inside the relevant rectangle, zeroed inside the irrelevant
     # polygon, the model's map elsewhere; and the challenger's map on the same image

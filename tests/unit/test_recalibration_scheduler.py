@@ -124,7 +124,7 @@ def test_metrics_middleware_sets_the_gauges_at_scrape_time(tmp_path: Path) -> No
         seen.append(scope["path"])
 
     with FeedbackStore(tmp_path / "feedback.db") as store:
-        middleware = RecalibrationStateOnScrape(app, source=lambda: (tmp_path, store))
+        middleware = RecalibrationStateOnScrape(app, source=lambda: (tmp_path, store, None))
         write_state(tmp_path, SchedulerState(last_run_at="2026-01-01T00:00:00+00:00", last_success=False))
         get_metrics().set_recalibration_state({"running": True, "last_success": True})  # stale values
         asyncio.run(middleware({"type": "http", "method": "GET", "path": "/metrics"}, None, None))
@@ -169,3 +169,27 @@ def test_the_dvc_stage_takes_the_same_retrain_lock_as_the_scheduler(tmp_path: Pa
     assert stage.stderr.startswith("error: a recalibration is already running (pid ")
     assert len(stage.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "result.json").exists()
+
+
+def test_the_next_run_is_known_from_params_before_any_scheduler_check(tmp_path: Path) -> None:
+    from test_feedback_store import SHA_B, H, W, submission
+
+    from medattn.feedback.scheduler import current_state, rules_from_params
+
+    (tmp_path / "params.yaml").write_text("recalibrate:\n  min_feedback: 5\n  interval_hours: 6\n")
+    assert rules_from_params(tmp_path) == (5, 6.0)
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        record, _ = store.add_feedback(submission(), SHA_B, W, H)
+        assert current_state(tmp_path, store).next_run_at is None  # no check has recorded its rules
+        state = current_state(tmp_path, store, rules=rules_from_params(tmp_path))
+        assert (state.pending, state.min_feedback, state.interval_hours) == (1, 5, 6.0)
+        assert datetime.fromisoformat(state.next_run_at) == record.created_at + timedelta(hours=6)
+        # the rules a check recorded win over the file's
+        run_if_needed(Params(recalibrate=RecalibrateParams(min_feedback=9, interval_hours=48)), store, tmp_path,
+                      job=lambda: None)
+        state = current_state(tmp_path, store, rules=rules_from_params(tmp_path))
+        assert (state.min_feedback, state.interval_hours) == (9, 48.0)
+        assert datetime.fromisoformat(state.next_run_at) == record.created_at + timedelta(hours=48)
+    (tmp_path / "params.yaml").write_text("recalibrate:\n  min_feedback: 0\n")
+    assert rules_from_params(tmp_path) is None  # an invalid file: no rules, and no crash of the reader
+    assert rules_from_params(tmp_path / "nowhere") is None

@@ -753,7 +753,7 @@ async function refreshScheduler() {
   const outcome = s.last_success === null ? "" : (s.last_success ? " · ok" : " · failed");
   $("sched-last").textContent = when(s.last_run_at) + outcome + (s.last_version ? ` · v${s.last_version}` : "");
   $("sched-last").title = s.last_outcome || "";
-  $("sched-next").textContent = !s.pending ? "– (no feedback waits)" : (s.next_run_at ? when(s.next_run_at) : "– (no scheduler check yet)");
+  $("sched-next").textContent = !s.pending ? "– (no feedback waits)" : (s.next_run_at ? when(s.next_run_at) : "– (no rules known: no params.yaml and no scheduler check yet)");
 }
 
 function confirmDialog(title, text, okLabel) {
