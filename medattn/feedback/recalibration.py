@@ -232,10 +232,9 @@ def _labelled(dataset_dir: Path, split: str, mean, std) -> tuple[LabelledImages,
     return LabelledImages(normalize_tensor(tensors.images, mean, std), tensors.labels), tensors.class_names, sha
 
 
-def _with_corrected_labels(train: LabelledImages, train_sha: list[str], records: list[SnapshotRecord],
+def _with_corrected_labels(train: LabelledImages, position: dict[str, int], records: list[SnapshotRecord],
                            class_names: list[str]) -> tuple[LabelledImages, int]:
-    """A corrected label in the feedback replaces the training label of that image."""
-    position = {sha: i for i, sha in enumerate(train_sha)}
+    """A corrected label in the feedback replaces the training label of that image (``position``: sha -> row)."""
     labels = train.labels.clone()
     changed = 0
     for record in records:
@@ -340,10 +339,10 @@ def _run(params: Params, snapshot_dir: Path, dataset_dir: Path, store: FeedbackS
         raise DataError(f"{dataset_dir}: classes {class_names} differ from the champion's {list(spec.class_names)}")
     val, _, _ = _labelled(dataset_dir, "val", spec.mean, spec.std)
     test, _, _ = _labelled(dataset_dir, "test", spec.mean, spec.std)
-    train, relabelled = _with_corrected_labels(train, train_sha, [records[i] for i in train_index], class_names)
+    position = {sha: i for i, sha in enumerate(train_sha)}  # the training row of each image
+    train, relabelled = _with_corrected_labels(train, position, [records[i] for i in train_index], class_names)
     # images the training split holds get their plain CE there already (the feedback loss adds it
     # for the others only); all of them keep their label for the counterfactual CE
-    position = {sha: i for i, sha in enumerate(train_sha)}
     fb = targets.subset(train_index)
     shas = [records[i].image_sha256 for i in train_index]
     known = [int(train.labels[position[sha]]) if sha in position else label  # corrections already applied

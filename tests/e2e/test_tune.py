@@ -166,6 +166,9 @@ def test_a_killed_study_resumes_and_retries_the_killed_trial(workspace: Pipeline
     params = workspace.params()
     params["tune"].update({"n_trials": 3, "study_name": "killed", "heartbeat_seconds": 1, "grace_seconds": 3})
     params["tune"]["pruner"]["n_startup_trials"] = 100  # no pruning: the retried trial runs to the end
+    # 12 epochs: a trial stays mid-way for seconds, so the poll below finds one (3 epochs of
+    # 96 tiny images can all pass between two polls, and the study ends before the kill)
+    params["train"]["epochs"] = 12
     (workspace.root / "kill-params.yaml").write_text(yaml.safe_dump(params))
     args = ["--params", "kill-params.yaml", "--checkpoints", "checkpoints/kill", "--out", "reports/kill"]
     command = [str(VENV_BIN / "python"), "-m", "medattn.cli", "tune", *args]
@@ -174,7 +177,7 @@ def test_a_killed_study_resumes_and_retries_the_killed_trial(workspace: Pipeline
     storage = None
     killed_number = None
     try:
-        for _ in range(600):  # at most ten minutes, polled each second
+        for _ in range(3000):  # at most ten minutes, polled five times a second
             if process.poll() is not None:
                 pytest.fail(f"the search ended (exit {process.returncode}) before a trial was mid-way")
             if journal.exists():
@@ -188,7 +191,7 @@ def test_a_killed_study_resumes_and_retries_the_killed_trial(workspace: Pipeline
                 if running:  # at least one epoch reported, more to come: mid-trial
                     killed_number = running[0].number
                     break
-            time.sleep(1)
+            time.sleep(0.2)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         if process.poll() is None:
