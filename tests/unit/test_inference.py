@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving_fakes import CLASSES, tiny_model
 
 from medattn.data.preprocess import to_model_input
 from medattn.errors import RegistryError
 from medattn.evaluation.figures import colorize_attention
-from medattn.models.bundle import save_bundle
-from medattn.models.factory import ModelSpec, create_model
-from medattn.registry import ModelVersionInfo
+from medattn.models.factory import ModelSpec
 from medattn.serving import inference
 from medattn.serving.inference import (
     ChampionSlot,
@@ -27,18 +25,6 @@ from medattn.serving.inference import (
     build_payload,
     upsample_attention,
 )
-
-CLASSES = ("a", "b", "c")
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    spec = ModelSpec(backbone="small_cnn", attention="global_pixel", num_classes=3, image_size=32,
-                     class_names=CLASSES, n_pixel_channels=6, K=8)
-    model = create_model(spec)
-    model.set_pixel_representation(torch.rand(1, 6, 32, 32))
-    model.freeze()
-    return model.eval(), spec
 
 
 @pytest.fixture(scope="module")
@@ -148,39 +134,6 @@ def test_predictor_refuses_inconsistent_class_names():
 
 
 # ---- following the champion alias ----------------------------------------------------------------
-
-
-class FakeRegistry:
-    """The two registry calls ChampionSlot makes, over bundles saved in a folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.champion: str | None = None
-        self.downloads: list[str] = []
-
-    def add_version(self, version: str, seed: int) -> None:
-        model, spec = tiny_model(seed)
-        save_bundle(model, spec, self.root / f"v{version}")
-
-    def info(self, name: str, alias_or_version: str, *, tracking_uri: str) -> ModelVersionInfo:
-        version = self.champion if alias_or_version == "champion" else alias_or_version
-        if version is None:
-            raise RegistryError(f"registry: model {name!r} has no alias 'champion'")
-        return ModelVersionInfo(name, version, None, (), None)
-
-    def download(self, name: str, version: str, dst: Path, *, tracking_uri: str):
-        self.downloads.append(version)
-        return self.root / f"v{version}", self.info(name, version, tracking_uri=tracking_uri)
-
-
-@pytest.fixture
-def registry(tmp_path, monkeypatch) -> FakeRegistry:
-    import medattn.registry as registry_module
-
-    fake = FakeRegistry(tmp_path)
-    monkeypatch.setattr(registry_module, "get_model_version_info", fake.info, raising=False)
-    monkeypatch.setattr(registry_module, "download_model_version", fake.download, raising=False)
-    return fake
 
 
 def test_slot_loads_the_champion_then_only_reloads_when_the_alias_moves(registry, tmp_path):

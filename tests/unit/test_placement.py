@@ -9,23 +9,13 @@ from pathlib import Path
 import anyio
 import numpy as np
 import pytest
-from test_inference import FakeRegistry, tiny_model
+from serving_fakes import FakeRegistry, tiny_model
 
 from medattn.serving.inference import ModelRef, Predictor
 from medattn.serving.placement import IN_PROCESS, RUNNER, ForwardTiming, InProcessModel, choose_placement, time_forward
 from medattn.serving.settings import ServingSettings
 
 IMAGE = np.zeros((40, 30, 3), dtype=np.uint8)
-
-
-@pytest.fixture
-def registry(tmp_path, monkeypatch) -> FakeRegistry:
-    import medattn.registry as registry_module
-
-    fake = FakeRegistry(tmp_path)
-    monkeypatch.setattr(registry_module, "get_model_version_info", fake.info, raising=False)
-    monkeypatch.setattr(registry_module, "download_model_version", fake.download, raising=False)
-    return fake
 
 
 def test_a_fast_model_stays_in_process_and_a_slow_one_goes_to_the_runner():

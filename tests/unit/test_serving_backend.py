@@ -11,8 +11,8 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
+from serving_fakes import tiny_model
 from sqlalchemy import text
-from test_inference import tiny_model
 
 from medattn.serving.backend import ServingBackend, Upload
 from medattn.serving.imaging import ImageRejected
