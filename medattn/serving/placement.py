@@ -220,7 +220,8 @@ class InProcessModel:
 
         Several API workers share one socket, and ``/readyz`` is answered by whichever worker the
         probe reaches: a worker still loading its model gets requests once another one is ready.
-        Refusing them (503) while the load is seconds from done is worse than waiting for it.
+        Refusing them (503) while the load is seconds from done is worse than waiting for it. Only
+        ``in_process`` waits: in ``auto`` the runner answers until this process holds a model.
         """
         done = self.follower.first_load_done
         deadline = time.monotonic() + self.follower.settings.load_wait_seconds
@@ -229,8 +230,8 @@ class InProcessModel:
 
     async def infer(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         predictor = self.follower.slot.current  # one model for the whole request, even if a reload lands
-        if predictor is None and not self.follower.first_load_done.is_set():
-            await self.wait_for_first_load()
+        if predictor is None and self.runner is None and not self.follower.first_load_done.is_set():
+            await self.wait_for_first_load()  # (auto: the runner answers meanwhile, as below)
             predictor = self.follower.slot.current
         if predictor is None:
             if self.runner is not None:

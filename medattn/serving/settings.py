@@ -18,7 +18,7 @@ MEDATTN_MODEL_CACHE_DIR     model_cache_dir         ``<state_dir>/models``
 MEDATTN_TOKENS_FILE         tokens_file             none (then ``MEDATTN_TOKENS``, JSON)
 MEDATTN_OPEN_PREDICT        open_predict            false (true: /predict needs no token)
 MEDATTN_POLL_SECONDS        poll_seconds            30 (how often the champion alias is checked; 0 = never)
-MEDATTN_LOAD_WAIT_SECONDS   load_wait_seconds       60 (a prediction at a worker still loading its model waits this long, then 503)
+MEDATTN_LOAD_WAIT_SECONDS   load_wait_seconds       60 (in_process: a prediction at a worker still loading waits this long, then 503)
 MEDATTN_MAX_UPLOAD_BYTES    max_upload_bytes        20 MiB per request
 MEDATTN_MAX_IMAGE_PIXELS    max_image_pixels        50 000 000 per image
 MEDATTN_MAX_BATCH_IMAGES    max_batch_images        16 images per /predict_batch

@@ -132,16 +132,20 @@ class GatedDownloads:
         return self.registry.download(*args, **kwargs)
 
 
-@pytest.mark.parametrize("runner", [None, FakeRunner()], ids=["in_process", "auto"])
-def test_a_request_during_the_first_load_waits_for_the_model_instead_of_failing(registry, tmp_path, monkeypatch,
-                                                                                 runner):
+def gate_downloads(registry: FakeRegistry, monkeypatch) -> GatedDownloads:
+    """Champion "1" registered, its download held until ``gate`` opens."""
     import medattn.registry as registry_module
 
     registry.add_version("1", seed=1)
     registry.champion = "1"
     gated = GatedDownloads(registry)
     monkeypatch.setattr(registry_module, "download_model_version", gated.download, raising=False)
-    client = InProcessModel(settings_for(tmp_path, max_ms=1e6), runner=runner)
+    return gated
+
+
+def test_a_request_during_the_first_load_waits_for_the_model_instead_of_failing(registry, tmp_path, monkeypatch):
+    gated = gate_downloads(registry, monkeypatch)
+    client = InProcessModel(settings_for(tmp_path, max_ms=1e6))
     answers: list[list[dict]] = []
 
     async def scenario() -> None:
@@ -156,16 +160,33 @@ def test_a_request_during_the_first_load_waits_for_the_model_instead_of_failing(
 
     anyio.run(scenario)
     assert version_of(answers[0][0]) == "1"
-    assert runner is None or runner.calls == []
+
+
+def test_auto_answers_through_the_runner_during_the_first_load_without_waiting(registry, tmp_path, monkeypatch):
+    gated = gate_downloads(registry, monkeypatch)
+    runner = FakeRunner()
+    client = InProcessModel(settings_for(tmp_path, max_ms=1e6), runner=runner)
+    answered_while_loading: list[list[dict]] = []
+
+    async def scenario() -> None:
+        answers: list[list[dict]] = []
+
+        async def ask() -> None:
+            answers.append(await client.infer([IMAGE]))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(ask)
+            await anyio.sleep(0.3)
+            answered_while_loading.extend(answers)  # before the load may end
+            gated.gate.set()
+
+    anyio.run(scenario)
+    assert [version_of(a[0]) for a in answered_while_loading] == ["runner"] and runner.calls == ["infer"]
+    assert version_of(anyio.run(loaded(client).infer, [IMAGE])[0]) == "1"  # then its own model
 
 
 def test_a_worker_told_not_to_wait_answers_still_loading(registry, tmp_path, monkeypatch):
-    import medattn.registry as registry_module
-
-    registry.add_version("1", seed=1)
-    registry.champion = "1"
-    gated = GatedDownloads(registry)
-    monkeypatch.setattr(registry_module, "download_model_version", gated.download, raising=False)
+    gated = gate_downloads(registry, monkeypatch)
     settings = dataclasses.replace(settings_for(tmp_path, max_ms=1e6), load_wait_seconds=0)
     client = InProcessModel(settings)
     try:
