@@ -114,7 +114,8 @@ async def scheduler_state(authorization: Optional[str] = AuthHeader) -> JSONResp
 
     svc = backend()
     svc.authorize(authorization, "expert")
-    state = await to_thread.run_sync(current_state, svc.settings.state_dir, svc.store, None, svc.recalibration_rules)
+    state = await to_thread.run_sync(lambda: current_state(svc.settings.state_dir, svc.store,
+                                                           rules=svc.recalibration_rules))
     return JSONResponse(state.to_json())
 
 

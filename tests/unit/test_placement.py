@@ -143,10 +143,10 @@ def gate_downloads(registry: FakeRegistry, monkeypatch) -> GatedDownloads:
     return gated
 
 
-def test_a_request_during_the_first_load_waits_for_the_model_instead_of_failing(registry, tmp_path, monkeypatch):
-    gated = gate_downloads(registry, monkeypatch)
-    client = InProcessModel(settings_for(tmp_path, max_ms=1e6))
+def ask_during_the_first_load(client: InProcessModel, gated: GatedDownloads) -> tuple[list, list]:
+    """One prediction asked while the download is held: (answers given before it opens, all answers)."""
     answers: list[list[dict]] = []
+    before_open: list[list[dict]] = []
 
     async def scenario() -> None:
         async def ask() -> None:
@@ -155,10 +155,17 @@ def test_a_request_during_the_first_load_waits_for_the_model_instead_of_failing(
         async with anyio.create_task_group() as group:
             group.start_soon(ask)
             await anyio.sleep(0.3)
-            assert answers == []  # held while the model loads, not refused
+            before_open.extend(answers)
             gated.gate.set()
 
     anyio.run(scenario)
+    return before_open, answers
+
+
+def test_a_request_during_the_first_load_waits_for_the_model_instead_of_failing(registry, tmp_path, monkeypatch):
+    gated = gate_downloads(registry, monkeypatch)
+    before_open, answers = ask_during_the_first_load(InProcessModel(settings_for(tmp_path, max_ms=1e6)), gated)
+    assert before_open == []  # held while the model loads, not refused
     assert version_of(answers[0][0]) == "1"
 
 
@@ -166,22 +173,8 @@ def test_auto_answers_through_the_runner_during_the_first_load_without_waiting(r
     gated = gate_downloads(registry, monkeypatch)
     runner = FakeRunner()
     client = InProcessModel(settings_for(tmp_path, max_ms=1e6), runner=runner)
-    answered_while_loading: list[list[dict]] = []
-
-    async def scenario() -> None:
-        answers: list[list[dict]] = []
-
-        async def ask() -> None:
-            answers.append(await client.infer([IMAGE]))
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(ask)
-            await anyio.sleep(0.3)
-            answered_while_loading.extend(answers)  # before the load may end
-            gated.gate.set()
-
-    anyio.run(scenario)
-    assert [version_of(a[0]) for a in answered_while_loading] == ["runner"] and runner.calls == ["infer"]
+    before_open, _ = ask_during_the_first_load(client, gated)
+    assert [version_of(a[0]) for a in before_open] == ["runner"] and runner.calls == ["infer"]
     assert version_of(anyio.run(loaded(client).infer, [IMAGE])[0]) == "1"  # then its own model
 
 
